@@ -1,0 +1,1 @@
+"""Data files only: class names (classnames/) and prompt templates (templates/)."""
