@@ -41,3 +41,7 @@ class DatasetError(VlmTtaError, ValueError):
 
 class FeatureError(VlmTtaError, ValueError):
     """Embeddings passed to classify_features have the wrong shape or non-finite values."""
+
+
+class MethodOptionError(VlmTtaError, TypeError, ValueError):
+    """A method option is unknown or has an invalid value."""

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from ..errors import ClassNamesError, TemplateError
+from ..errors import ClassNamesError, ModelSpecError, TemplateError
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class PreprocessConfig:
         return asdict(self)
 
 
+#: Precisions a backbone runs at. Weights always stay fp32; "amp" autocasts to fp16 on CUDA and
+#: "amp_bf16" to bfloat16. On CPU all three compute in fp32 (the name still enters the fingerprint).
+PRECISIONS = ("fp32", "amp", "amp_bf16")
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -54,7 +59,7 @@ def state_dict_digest(module: torch.nn.Module) -> str:
         t = tensor.detach()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.numel():
-            t = t.to("cpu").contiguous()
+            t = t.to("cpu").contiguous().reshape(-1)  # reshape: 0-dim tensors (logit_scale) cannot be viewed as bytes
             h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
     return h.hexdigest()
 
@@ -108,7 +113,7 @@ class VisionLanguageModel(ABC):
       ``name``          human-readable spec (``"open_clip:ViT-B-16/openai"``, ``"hf:google/siglip-..."``)
       ``preprocess_cfg`` a :class:`PreprocessConfig`
       ``device``        where the weights live
-      ``precision``     ``"fp32"`` or ``"amp"`` (fp32 weights, autocast on CUDA)
+      ``precision``     ``"fp32"``, ``"amp"`` or ``"amp_bf16"`` (fp32 weights, autocast on CUDA)
       ``kind``          ``"clip"`` or ``"siglip"``
     """
 
@@ -165,10 +170,15 @@ class VisionLanguageModel(ABC):
             }
         )[:32]
 
+    def refresh_fingerprint(self) -> str:
+        """Recompute the weights digest after the weights were changed in place; returns the new
+        fingerprint. Backends cache the digest at load time, so call this after editing weights."""
+        return self.fingerprint
+
     def autocast(self):
         """fp32 weights with autocast on CUDA (TPT's recipe); plain fp32 elsewhere."""
-        if self.device.type == "cuda" and self.precision == "amp":
-            return torch.autocast("cuda", dtype=torch.float16)
+        if self.device.type == "cuda" and self.precision in ("amp", "amp_bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "amp_bf16" else torch.float16)
         return torch.autocast(self.device.type, enabled=False)
 
     @torch.no_grad()
@@ -213,3 +223,60 @@ class VisionLanguageModel(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, device={self.device}, precision={self.precision})"
+
+
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a :class:`torch.device`; None means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``precision`` checked against :data:`PRECISIONS`; None means "amp" on CUDA, "fp32" elsewhere."""
+    if precision is None:
+        return "amp" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ModelSpecError(
+            f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r} (weights always stay fp32, "
+            "'amp' autocasts to fp16 on CUDA, 'amp_bf16' to bfloat16)"
+        )
+    return precision
+
+
+class TorchBackbone(VisionLanguageModel):
+    """Shared plumbing of backends that wrap one ``torch.nn.Module`` (kept as ``self.model``).
+
+    The module is put in eval mode with ``requires_grad=False`` on every parameter, kept in fp32 on
+    ``device``; its weights digest is computed once here and again on :meth:`refresh_fingerprint`.
+    The digest covers the state dict and the module tree (paths and class names), so two models whose
+    weights agree but whose activations differ (GELU vs QuickGELU) do not share a fingerprint.
+    """
+
+    model: torch.nn.Module
+
+    def _setup_module(self, module: torch.nn.Module, device, precision: str | None) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        module.eval()
+        module.requires_grad_(False)
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()):
+            module.float()  # fp32 weights; half precision comes from autocast
+        module.to(self.device)
+        self.model = module
+        self._weights_digest = self._compute_weights_digest()
+
+    def _compute_weights_digest(self) -> str:
+        # Structure as module paths and class names (not repr(), whose formatting changes between torch versions).
+        arch = hashlib.sha256(
+            "|".join(f"{name}:{type(mod).__qualname__}" for name, mod in self.model.named_modules()).encode()
+        ).hexdigest()
+        return hashlib.sha256(f"{state_dict_digest(self.model)}:{arch}".encode()).hexdigest()
+
+    @property
+    def weights_digest(self) -> str:
+        return self._weights_digest
+
+    def refresh_fingerprint(self) -> str:
+        self._weights_digest = self._compute_weights_digest()
+        return self.fingerprint
