@@ -1,0 +1,1008 @@
+"""A persistent, content-addressed store of embeddings shared by every method, run and process.
+
+    >>> cache = EmbeddingCache()                      # $VLM_TTA_CACHE_DIR or ~/.cache/vlm_tta
+    >>> key = make_key("text", model.fingerprint, templates, classnames)
+    >>> emb = cache.get_or_compute([key], lambda missing: model.class_embeddings(classnames, templates)[None])
+
+Keys are content addresses: :func:`make_key` hashes a canonical JSON encoding of *what was
+encoded* (model fingerprint, prompt set and class names, or image content hash and view recipe and
+view index). Whoever asks for the same thing again, a second method, a resumed run, another
+benchmark shard, gets the stored embedding and the encoder does not run.
+
+Storage is one SQLite database (``embeddings.sqlite3``) in write-ahead-log mode:
+
+* concurrent readers and writers in several processes are safe: SQLite serialises writers with
+  file locks (each write waits up to :data:`BUSY_TIMEOUT_S` for the lock) and readers never block;
+* every ``put``/``put_many`` is one transaction, so a process killed mid-write leaves all of it or
+  none of it; a half-written WAL frame is discarded by SQLite's recovery on the next open;
+* each row holds the raw little-endian bytes of the array beside its dtype, its shape and a
+  BLAKE2b checksum over all of them (and the key). A row that fails these checks is never
+  returned: it reads as a miss and is deleted. There is no pickle anywhere.
+
+The cache never raises into the user's computation because of the environment: a directory that
+cannot be created or written, a full disk, or a file that is not a cache database produce one
+``RuntimeWarning`` each and the cache degrades (to read-only, or to a no-op); the embeddings are
+then computed as if there were no cache.
+
+Floating arrays come back as ``float32``. ``storage_dtype="float16"`` halves the size on disk; see
+:meth:`EmbeddingCache.get_or_compute` for how results stay identical between cold and warm runs.
+
+Environment: ``VLM_TTA_CACHE_DIR`` (location), ``VLM_TTA_NO_CACHE=1`` (turn the cache off).
+The ``vlm-tta cache info`` / ``vlm-tta cache clear`` verbs are defined here (:func:`add_parser`, :func:`run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DB_FILENAME",
+    "NO_CACHE_ENV",
+    "EmbeddingCache",
+    "add_parser",
+    "as_cache",
+    "cache_disabled_by_env",
+    "default_cache_dir",
+    "make_key",
+    "run",
+]
+
+CACHE_DIR_ENV = "VLM_TTA_CACHE_DIR"
+NO_CACHE_ENV = "VLM_TTA_NO_CACHE"
+DB_FILENAME = "embeddings.sqlite3"
+#: How long a writer waits for another process's write lock before giving up on one put.
+BUSY_TIMEOUT_S = 60.0
+#: Keys per SELECT in get_many (well under SQLite's limit on bound parameters).
+QUERY_CHUNK = 500
+
+_SCHEMA_VERSION = 1
+_PAGE_SIZE = 32768
+_APPLICATION_ID = 0x766C7474  # "vltt": marks the database file as ours
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+_STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_ALLOWED_KINDS = set("biuf")  # bool, signed, unsigned, floating: raw bytes round-trip exactly
+_KIND_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    key      TEXT PRIMARY KEY NOT NULL,
+    kind     TEXT NOT NULL,
+    dtype    TEXT NOT NULL,
+    shape    TEXT NOT NULL,
+    checksum BLOB NOT NULL,
+    created  REAL NOT NULL,
+    nbytes   INTEGER NOT NULL,
+    data     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS embeddings_kind ON embeddings(kind, nbytes);
+"""
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Location and keys
+# ----------------------------------------------------------------------------------------------
+
+
+def default_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache directory: ``path`` > ``$VLM_TTA_CACHE_DIR`` > ``$XDG_CACHE_HOME/vlm_tta`` >
+    ``~/.cache/vlm_tta``. ``~`` and environment variables in ``path`` are expanded."""
+    if path is not None and str(path) != "":
+        return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
+    env = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if env:
+        return Path(os.path.expandvars(os.path.expanduser(env)))
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg and os.path.isabs(os.path.expanduser(xdg)):
+        return Path(os.path.expanduser(xdg)) / "vlm_tta"
+    return Path.home() / ".cache" / "vlm_tta"
+
+
+def cache_disabled_by_env() -> bool:
+    """True when ``VLM_TTA_NO_CACHE`` is set to 1/true/yes/on."""
+    return os.environ.get(NO_CACHE_ENV, "").strip().lower() in _TRUTHY
+
+
+def _canonical(obj: Any) -> Any:
+    """A JSON-able value that equal inputs map to equally (tuples as lists, numpy scalars as
+    Python numbers, bytes and arrays by their SHA-256, dataclasses as tagged dicts)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return {"$enum": f"{type(obj).__qualname__}.{obj.name}"}
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"make_key: non-finite float {obj!r} in a cache key")
+        return float(obj)
+    if isinstance(obj, np.generic):
+        return _canonical(obj.item())
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"$bytes": hashlib.sha256(bytes(obj)).hexdigest()}
+    if isinstance(obj, np.ndarray):
+        arr = np.asarray(obj, order="C")
+        if arr.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"make_key: arrays of dtype {arr.dtype} cannot be part of a key")
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        return {"$ndarray": [arr.dtype.str, list(arr.shape), hashlib.sha256(arr.tobytes()).hexdigest()]}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(x) for x in obj]
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"make_key: dict keys must be strings, got {type(k).__name__} {k!r}")
+            out[k] = _canonical(v)
+        return out
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"$dataclass": type(obj).__qualname__, "fields": fields}
+    if isinstance(obj, (set, frozenset)):
+        items = [_canonical(x) for x in obj]
+        return {"$set": sorted(items, key=lambda x: json.dumps(x, sort_keys=True))}
+    raise TypeError(
+        f"make_key: cannot build a cache key from a {type(obj).__name__}; use strings, numbers, "
+        "lists, dicts, bytes, numpy arrays or dataclasses of those"
+    )
+
+
+def make_key(*parts: Any) -> str:
+    """Content address of ``parts``: ``"<kind>:<sha256 hex>"``.
+
+    The SHA-256 is over a canonical JSON encoding of all the parts (dicts with sorted keys,
+    tuples as lists, floats as their shortest round-trip repr, so ``1`` and ``1.0`` differ).
+    ``kind`` is the first part when it is a short name such as ``"text"`` or ``"view"``; it is
+    stored beside the entry so ``info()`` and ``clear(kind=...)`` can tell kinds apart. Keys
+    whose first part is not such a name are the bare hex digest (kind ``""``).
+
+    >>> make_key("view", fingerprint, image_hash, "augmix", 0, 3)   # doctest: +SKIP
+    'view:5f1c...'
+    """
+    if not parts:
+        raise ValueError("make_key needs at least one part")
+    canon = _canonical(list(parts))
+    text = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    first = parts[0]
+    if isinstance(first, str) and _KIND_RE.match(first):
+        return f"{first}:{digest}"
+    return digest
+
+
+def _kind_of(key: str) -> str:
+    head, sep, _ = key.partition(":")
+    return head if sep and _KIND_RE.match(head) else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Array encoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """ndarray from an array-like or a torch tensor (any device/dtype) without importing torch."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        t = value.detach().cpu()
+        try:
+            return np.asarray(t.numpy())
+        except (TypeError, RuntimeError):  # bfloat16 and friends have no numpy dtype
+            return np.asarray(t.float().numpy())
+    return np.asarray(value)
+
+
+def _checksum(key: str, dtype: str, shape: str, data: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (key.encode("utf-8"), dtype.encode(), shape.encode()):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(part)
+    h.update(data)
+    return h.digest()
+
+
+def _encode(key: str, value: Any, storage: np.dtype) -> tuple[str, str, str, bytes, bytes]:
+    """(kind, dtype, shape, checksum, data) of one entry. Floating arrays are stored in
+    ``storage``; bool/int arrays keep their own dtype. Always little-endian, C order."""
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"cache keys are non-empty strings (see make_key), got {key!r}")
+    arr = _to_numpy(value)
+    if arr.dtype.kind not in _ALLOWED_KINDS:
+        raise TypeError(f"the embedding cache stores bool, int and float arrays, not {arr.dtype}")
+    target = storage if arr.dtype.kind == "f" else arr.dtype.newbyteorder("<")
+    arr = np.asarray(arr, dtype=target, order="C")  # (keeps 0-d arrays 0-d)
+    dtype = arr.dtype.str
+    shape = json.dumps([int(s) for s in arr.shape], separators=(",", ":"))
+    data = arr.tobytes(order="C")
+    return _kind_of(key), dtype, shape, _checksum(key, dtype, shape, data), data
+
+
+def _decode(
+    key: str, dtype: str, shape: str, checksum: bytes, data: bytes, storage: np.dtype
+) -> tuple[np.ndarray | None, str]:
+    """(array, "ok") for a sound row; (None, "damaged") when any check fails; (None, "coarse")
+    for a float16 row read by a float32 cache (recomputing it keeps results exact)."""
+    try:
+        if not isinstance(data, bytes) or not isinstance(checksum, bytes):
+            return None, "damaged"
+        dt = np.dtype(dtype)
+        if dt.kind not in _ALLOWED_KINDS or dt.byteorder == ">" or dt.hasobject:
+            return None, "damaged"
+        dims = json.loads(shape)
+        if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
+            return None, "damaged"
+        if len(data) != math.prod(dims) * dt.itemsize:
+            return None, "damaged"
+        if checksum != _checksum(key, dtype, shape, data):
+            return None, "damaged"
+        arr = np.frombuffer(data, dtype=dt).reshape(dims)
+    except (TypeError, ValueError):  # includes json.JSONDecodeError
+        return None, "damaged"
+    if dt.kind != "f":
+        return arr.astype(dt.newbyteorder("="), copy=True), "ok"
+    if dt.itemsize < storage.itemsize:
+        return None, "coarse"
+    if dt != storage:
+        arr = arr.astype(storage)
+    return arr.astype(np.float32, copy=True), "ok"
+
+
+# ----------------------------------------------------------------------------------------------
+# SQLite plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def _connect(db_path: Path, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """Open ``db_path`` (tests replace this to simulate failures). Autocommit mode: transactions
+    are begun explicitly with BEGIN IMMEDIATE so a writer takes the lock before it reads."""
+    if readonly:
+        uri = Path(db_path).absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
+        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    return sqlite3.connect(os.fspath(db_path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _error_class(exc: BaseException) -> str:
+    """'corrupt' | 'unwritable' | 'busy' | 'other' for a sqlite3/OS error."""
+    msg = str(exc).lower()
+    if isinstance(exc, sqlite3.DatabaseError) and any(
+        s in msg for s in ("not a database", "malformed", "encrypted", "not a vlm_tta")
+    ):
+        return "corrupt"
+    if any(s in msg for s in ("locked", "busy")):
+        return "busy"
+    if any(s in msg for s in ("full", "readonly", "read-only", "unable to open", "permission", "disk i/o",
+                               "no space", "quota")):
+        return "unwritable"
+    if isinstance(exc, OSError):
+        return "unwritable"
+    return "other"
+
+
+class _ForeignDatabase(sqlite3.DatabaseError):
+    pass
+
+
+# Connections inherited over fork() must not be used nor closed in the child (closing would run
+# SQLite's WAL cleanup against the parent's locks); they are parked here for the child's lifetime.
+_ABANDONED: list[sqlite3.Connection] = []
+
+
+def _file_size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Persistent embedding store keyed by :func:`make_key` content addresses.
+
+    Args:
+        path: cache *directory* (``embeddings.sqlite3`` lives inside); default
+            :func:`default_cache_dir`.
+        storage_dtype: ``"float32"`` (exact) or ``"float16"`` (half the disk; values are rounded
+            to float16 on write and returned as float32).
+        enabled: ``False`` makes every get miss and every put a no-op. ``VLM_TTA_NO_CACHE=1`` in
+            the environment does the same whatever ``enabled`` says.
+        readonly: read existing entries but never write (no warning for dropped puts).
+
+    Safe to share between threads; after ``fork()`` the child opens its own connection. Nothing
+    touches the disk until the first get/put; a get on a cache that does not exist yet creates
+    nothing.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        storage_dtype: str = "float32",
+        enabled: bool = True,
+        readonly: bool = False,
+    ) -> None:
+        if str(storage_dtype) not in _STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be 'float32' or 'float16', not {storage_dtype!r}")
+        self.directory = default_cache_dir(path)
+        self.db_path = self.directory / DB_FILENAME
+        self.storage_dtype = str(storage_dtype)
+        self._storage = _STORAGE_DTYPES[self.storage_dtype]
+        self.enabled = bool(enabled) and not cache_disabled_by_env()
+        self.readonly = bool(readonly)
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._conn: sqlite3.Connection | None = None
+        self._conn_writable = False
+        self._can_write = not self.readonly
+        self._broken = False  # the database file is unusable: behave as disabled
+        self._warned: set[str] = set()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        state = "disabled" if not self.enabled else ("read-only" if not self._can_write else "read-write")
+        return f"EmbeddingCache({str(self.directory)!r}, storage_dtype={self.storage_dtype!r}, {state})"
+
+    @property
+    def writable(self) -> bool:
+        """Whether puts are currently stored (False when disabled, read-only, or after a write failure)."""
+        return self.enabled and self._can_write and not self._broken
+
+    def __enter__(self) -> "EmbeddingCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this process's connection (the cache reopens on next use)."""
+        self._check_fork()
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:  # pragma: no cover
+                    pass
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if self._conn is not None:
+                if self._pid == os.getpid():
+                    self._conn.close()
+                else:  # inherited over fork(): keep it away from the garbage collector
+                    _ABANDONED.append(self._conn)
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (spawned workers, benchmark shards): the copy opens its own connection.
+        state = self.__dict__.copy()
+        state.update(_lock=None, _conn=None, _conn_writable=False, _pid=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            # Inherited lock and connection belong to the parent; start afresh in this process.
+            self._lock = threading.RLock()
+            if self._conn is not None:
+                _ABANDONED.append(self._conn)
+            self._conn = None
+            self._pid = os.getpid()
+
+    def _warn(self, category: str, message: str) -> None:
+        if category not in self._warned:
+            self._warned.add(category)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _fix_hint(self) -> str:
+        return (
+            f"Point the cache at a writable directory with {CACHE_DIR_ENV}=/path (or cache_dir=... / "
+            f"EmbeddingCache(path)), free disk space, or set {NO_CACHE_ENV}=1 to turn the cache off."
+        )
+
+    def _on_error(self, exc: BaseException, during: str) -> None:
+        """Degrade after a failure: corrupt -> disabled, unwritable -> read-only, else drop one op."""
+        cls = _error_class(exc)
+        if cls == "corrupt":
+            self._broken = True
+            self.close()
+            self._warn(
+                "corrupt",
+                f"vlm_tta embedding cache: {self.db_path} is not a usable cache database ({exc}); the "
+                f"cache is off for this process and embeddings are computed without it. Delete that "
+                f"file and its -wal/-shm companions, or run `vlm-tta cache clear --yes --cache-dir "
+                f"{self.directory}`, to start a new cache.",
+            )
+        elif during == "write" and cls == "unwritable":
+            self._can_write = False
+            self._warn(
+                "write",
+                f"vlm_tta embedding cache at {self.directory} cannot be written ({exc}); new embeddings "
+                f"are computed but not cached for the rest of this process (existing entries are still "
+                f"read). {self._fix_hint()}",
+            )
+        elif during == "write":
+            self._warn(
+                "write-once",
+                f"vlm_tta embedding cache at {self.directory}: a write failed ({exc}); those embeddings "
+                f"were not cached. {self._fix_hint()}",
+            )
+        else:
+            self._warn(
+                "read",
+                f"vlm_tta embedding cache at {self.directory}: a read failed ({exc}); the embeddings "
+                f"are computed instead.",
+            )
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _open(self, for_write: bool) -> sqlite3.Connection | None:
+        """This process's connection, opened on demand; None when there is nothing to read from
+        (for reads) or the cache cannot be used. Call with the lock held."""
+        self._check_fork()
+        if not self.enabled or self._broken:
+            return None
+        if for_write and not self._can_write:
+            return None
+        if self._conn is not None and (self._conn_writable or not for_write):
+            return self._conn
+        if self._conn is not None:  # read-only connection but now we want to write
+            return None
+        exists = self.db_path.exists()
+        if not exists and not for_write:
+            return None
+        if self._can_write:
+            conn = self._open_writable()
+            if conn is not None:
+                self._conn, self._conn_writable = conn, True
+                return conn
+            if self._broken:
+                return None
+            exists = self.db_path.exists()
+        if for_write or not exists:
+            return None
+        conn = self._open_readonly()
+        if conn is not None:
+            self._conn, self._conn_writable = conn, False
+        return None if for_write else conn
+
+    def _open_writable(self) -> sqlite3.Connection | None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._on_error(OSError(f"cannot create directory {self.directory}: {exc}"), "write")
+            self._can_write = False
+            return None
+        conn = None
+        try:
+            conn = _connect(self.db_path)
+            conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+            # Only takes effect when the file is new. Rows of 1-4 KiB (512-1024-d embeddings)
+            # waste up to half of a 4 KiB page each; 32 KiB pages keep the file within ~1.1-1.3x
+            # of the payload (measured), and rows are read whole anyway.
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            # Where WAL is impossible (no shared memory, e.g. some network filesystems) SQLite keeps
+            # its rollback journal: slower with many writers, equally safe.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = %d" % ((8 << 20) // _PAGE_SIZE))  # ~8 MiB of WAL
+            conn.execute("PRAGMA journal_size_limit = %d" % (32 << 20))
+            self._init_schema(conn)
+            return conn
+        except sqlite3.Error as exc:
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:  # pragma: no cover
+                    pass
+            self._can_write = False
+            self._on_error(exc, "write")
+            return None
+
+    def _open_readonly(self) -> sqlite3.Connection | None:
+        last: BaseException | None = None
+        # A WAL database needs its -shm file; when the directory is read-only and the file is not
+        # there (the last writer closed cleanly, so the WAL is empty) read it as immutable.
+        attempts = [False] + ([True] if not Path(str(self.db_path) + "-wal").exists() else [])
+        for immutable in attempts:
+            conn = None
+            try:
+                conn = _connect(self.db_path, readonly=True, immutable=immutable)
+                self._check_schema(conn)
+                return conn
+            except sqlite3.Error as exc:
+                last = exc
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except sqlite3.Error:  # pragma: no cover
+                        pass
+                if _error_class(exc) == "corrupt":
+                    break
+        if last is not None:
+            if _error_class(last) == "corrupt":
+                self._on_error(last, "read")
+            else:
+                self._broken = True  # neither writable nor readable: behave as disabled
+                self._warn(
+                    "read",
+                    f"vlm_tta embedding cache: cannot read {self.db_path} ({last}); embeddings are "
+                    f"computed without the cache. {self._fix_hint()}",
+                )
+        return None
+
+    @staticmethod
+    def _check_schema(conn: sqlite3.Connection) -> bool:
+        """True if the database is ours (or empty); raises _ForeignDatabase otherwise."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if app_id == _APPLICATION_ID:
+            if version > _SCHEMA_VERSION:
+                raise _ForeignDatabase(
+                    f"not a vlm_tta cache of a version this code can read (schema {version} > {_SCHEMA_VERSION}); "
+                    "upgrade vlm_tta or use another cache directory"
+                )
+            return True
+        if app_id == 0 and not tables:
+            return False  # empty file: ours to initialise
+        raise _ForeignDatabase("not a vlm_tta cache database (another application's SQLite file)")
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        if self._check_schema(conn):
+            return
+        conn.execute("BEGIN IMMEDIATE")  # serialise first-time creation between processes
+        try:
+            if not self._check_schema(conn):
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The stored array for ``key`` (float arrays as float32 copies), or None on a miss."""
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{key: array}`` for the keys that are stored (misses are absent). One query per
+        :data:`QUERY_CHUNK` keys."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, np.ndarray] = {}
+        if not wanted or not self.enabled:
+            return out
+        self._check_fork()
+        damaged: list[tuple[str, bytes]] = []
+        with self._lock:
+            conn = self._open(for_write=False)
+            if conn is None:
+                return out
+            try:
+                for start in range(0, len(wanted), QUERY_CHUNK):
+                    chunk = wanted[start : start + QUERY_CHUNK]
+                    sql = (
+                        "SELECT key, dtype, shape, checksum, data FROM embeddings WHERE key IN (%s)"
+                        % ",".join("?" * len(chunk))
+                    )
+                    for key, dtype, shape, checksum, data in conn.execute(sql, chunk):
+                        arr, status = _decode(key, dtype, shape, checksum, data, self._storage)
+                        if arr is not None:
+                            out[key] = arr
+                        elif status == "damaged":
+                            damaged.append((key, checksum))
+            except sqlite3.Error as exc:
+                self._on_error(exc, "read")
+                return out
+            if damaged:
+                self._drop_damaged(conn, damaged)
+        return out
+
+    def _drop_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[str, bytes]]) -> None:
+        self._warn(
+            "damaged",
+            f"vlm_tta embedding cache at {self.directory}: {len(damaged)} damaged entr"
+            f"{'y' if len(damaged) == 1 else 'ies'} ignored (size or checksum mismatch); they are "
+            "recomputed" + (" and the damaged rows removed." if self._conn_writable else "."),
+        )
+        if not (self._conn_writable and self._can_write):
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Match the checksum read, so a sound value another process just wrote survives.
+                conn.executemany("DELETE FROM embeddings WHERE key = ? AND checksum IS ?", damaged)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            self._on_error(exc, "write")
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        if not self.enabled:
+            return 0
+        self._check_fork()
+        with self._lock:
+            conn = self._open(for_write=False)
+            if conn is None:
+                return 0
+            try:
+                return int(conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+            except sqlite3.Error as exc:
+                self._on_error(exc, "read")
+                return 0
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def put(self, key: str, value: Any) -> bool:
+        """Store ``value`` (numpy array, array-like or torch tensor) under ``key``; True if stored."""
+        return self.put_many([(key, value)]) == 1
+
+    def put_many(self, items: Iterable[tuple[str, Any]]) -> int:
+        """Store all ``(key, value)`` pairs in one transaction (all or none of them survive a
+        crash); returns how many were stored (0 when the cache is off or the write failed)."""
+        if not self.writable:
+            return 0
+        now = time.time()
+        rows = []
+        for key, value in items:
+            kind, dtype, shape, checksum, data = _encode(key, value, self._storage)
+            rows.append((key, kind, dtype, shape, checksum, now, len(data), data))
+        if not rows:
+            return 0
+        self._check_fork()
+        with self._lock:
+            conn = self._open(for_write=True)
+            if conn is None:
+                return 0
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO embeddings "
+                        "(key, kind, dtype, shape, checksum, created, nbytes, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+            except sqlite3.Error as exc:
+                self._on_error(exc, "write")
+                return 0
+        return len(rows)
+
+    def get_or_compute(self, keys: Sequence[str], compute: Callable[[list[int]], Any]) -> np.ndarray:
+        """Rows for ``keys`` stacked in order, running ``compute`` once, for the misses only.
+
+        ``compute(missing)`` gets the indices into ``keys`` of the missing entries (the first
+        occurrence of a repeated key) and returns one row per index, as a numpy array or torch
+        tensor. Its rows are stored and returned. It is not called when everything is cached.
+
+        Results are exactly the same whether a row was computed now or read back: computed float
+        rows are passed through the storage dtype before they are returned, so with
+        ``storage_dtype="float16"`` a cold run returns the same float16-rounded values (as
+        float32) as a warm one. A float32 cache ignores rows stored as float16 by a float16 cache
+        (it recomputes and replaces them), so its results never depend on what another run did.
+        With the cache off or unwritable the results are the same again.
+        """
+        keys = list(keys)
+        if not keys:
+            return np.zeros((0,), dtype=np.float32)
+        found = self.get_many(keys)
+        missing: list[int] = []
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if key not in found and key not in seen:
+                seen.add(key)
+                missing.append(i)
+        computed = self._compute_rows(keys, missing, compute) if missing else {}
+        rows = [found[k] if k in found else computed[k] for k in keys]
+        if len({(r.shape, r.dtype) for r in rows}) > 1:
+            # Stored rows disagree with fresh ones (keys reused for different content):
+            # recompute everything once and replace the stale entries.
+            self._warn(
+                "shapes",
+                f"vlm_tta embedding cache at {self.directory}: cached rows do not match the computed "
+                "ones in shape or dtype; recomputing them (the cache keys should include everything "
+                "that changes the output).",
+            )
+            firsts = list({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+            computed = self._compute_rows(keys, sorted(firsts), compute)
+            rows = [computed[k] for k in keys]
+        return np.stack(rows)
+
+    def _compute_rows(self, keys: list[str], indices: list[int], compute: Callable) -> dict[str, np.ndarray]:
+        arr = _to_numpy(compute(list(indices)))
+        if arr.ndim == 0 or arr.shape[0] != len(indices):
+            raise ValueError(
+                f"get_or_compute: compute() must return one row per missing index: asked for "
+                f"{len(indices)}, got an array of shape {tuple(arr.shape)}"
+            )
+        if arr.dtype.kind == "f":
+            stored = np.asarray(arr, dtype=self._storage, order="C")
+            returned = stored.astype(np.float32)
+        else:
+            stored = returned = np.array(arr, copy=True)
+        self.put_many((keys[i], stored[j]) for j, i in enumerate(indices))
+        return {keys[i]: returned[j] for j, i in enumerate(indices)}
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def _side_files(self) -> list[Path]:
+        return [Path(str(self.db_path) + s) for s in _SIDE_SUFFIXES]
+
+    def info(self) -> dict[str, Any]:
+        """Location, size on disk (database + WAL + shared memory), entries (total and per
+        kind), payload bytes, and state. Works on a disabled cache too; creates nothing."""
+        files = [self.db_path] + self._side_files()
+        d: dict[str, Any] = {
+            "location": str(self.directory),
+            "path": str(self.db_path),
+            "exists": self.db_path.exists(),
+            "bytes": sum(_file_size(p) for p in files),
+            "payload_bytes": 0,
+            "entries": 0,
+            "kinds": {},
+            "storage_dtype": self.storage_dtype,
+            "enabled": self.enabled,
+            "writable": self.writable,
+            "error": None,
+        }
+        if not d["exists"]:
+            return d
+        self._check_fork()
+        with self._lock:
+            conn = None
+            try:
+                try:
+                    # A read-write connection when we may: closing it tidies the -wal/-shm files
+                    # away (a read-only one leaves them); it writes nothing itself.
+                    conn = _connect(self.db_path, readonly=not os.access(self.directory, os.W_OK))
+                    conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+                    self._check_schema(conn)
+                except sqlite3.Error as exc:
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    if _error_class(exc) == "corrupt" or Path(str(self.db_path) + "-wal").exists():
+                        raise
+                    conn = _connect(self.db_path, readonly=True, immutable=True)
+                    self._check_schema(conn)
+                # Both from the small (kind, nbytes) index: no need to read the rows themselves.
+                sql = "SELECT kind, COUNT(*), SUM(nbytes) FROM embeddings GROUP BY kind ORDER BY kind"
+                stats = [(str(k), int(n), int(b or 0)) for k, n, b in conn.execute(sql)]
+                d["kinds"] = {k: n for k, n, _ in stats}
+                d["entries"] = sum(n for _, n, _ in stats)
+                d["payload_bytes"] = sum(b for _, _, b in stats)
+            except sqlite3.Error as exc:
+                d["error"] = str(exc)
+            finally:
+                if conn is not None:
+                    conn.close()
+        d["bytes"] = sum(_file_size(p) for p in files)
+        return d
+
+    def clear(self, kind: str | None = None, *, remove_files: bool = False) -> int:
+        """Delete every entry (or those of one ``kind``); returns how many were deleted.
+
+        Safe while other processes use the cache: the rows go in one transaction, then the file
+        is compacted. With ``remove_files`` the database and its -wal/-shm files are removed
+        when no other process has them open (otherwise the emptied database stays). A file that
+        is not a usable cache database is removed. Raises ``OSError`` when the cache cannot be
+        written (this is a maintenance call, not part of a computation).
+        """
+        self._check_fork()
+        with self._lock:
+            self.close()
+            if not self.db_path.exists():
+                self._remove_side_files_if_orphaned()
+                return 0
+            conn = None
+            try:
+                conn = _connect(self.db_path)
+                conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+                if not self._check_schema(conn):  # an empty file: nothing to delete
+                    conn.close()
+                    conn = None
+                    if remove_files:
+                        self._remove_files()
+                    return 0
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+                    n = int(conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
+                    conn.execute(f"DELETE FROM embeddings {where}", params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+                # Compaction (best effort: another process may be reading). VACUUM only when all
+                # went: it rewrites the whole file, cheap only when the file is empty.
+                for stmt in (["VACUUM"] if kind is None else []) + ["PRAGMA wal_checkpoint(TRUNCATE)"]:
+                    try:
+                        conn.execute(stmt)
+                    except sqlite3.Error:
+                        pass
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    _rollback(conn)
+                    conn.close()
+                    conn = None
+                if _error_class(exc) != "corrupt":
+                    raise OSError(f"cannot clear the embedding cache {self.db_path}: {exc}") from exc
+                self._remove_files()  # not a cache database: the user asked to start afresh
+                self._broken = False
+                self._can_write = not self.readonly
+                return 0
+            finally:
+                if conn is not None:
+                    conn.close()  # the last connection to close removes -wal and -shm
+            if remove_files and kind is None:
+                # SQLite removes the WAL when the last connection closes; if it is still there,
+                # another process has the database open and keeps using the (now empty) file.
+                if not any(p.exists() for p in self._side_files()):
+                    self._remove_files()
+            self._broken = False
+            self._can_write = not self.readonly
+            return n
+
+    def _remove_files(self) -> None:
+        for p in [self.db_path] + self._side_files():
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise OSError(f"cannot remove {p}: {exc}") from exc
+
+    def _remove_side_files_if_orphaned(self) -> None:
+        for p in self._side_files():
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def as_cache(cache: "EmbeddingCache | bool | str | os.PathLike | None" = None, **kwargs: Any) -> EmbeddingCache:
+    """An :class:`EmbeddingCache` from what users pass as ``cache=``: an instance (returned as
+    is), ``True``/``None`` (the default location), ``False`` (disabled), or a directory."""
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    if cache is None or cache is True:
+        return EmbeddingCache(**kwargs)
+    if cache is False:
+        return EmbeddingCache(enabled=False, **kwargs)
+    if isinstance(cache, (str, os.PathLike)):
+        return EmbeddingCache(cache, **kwargs)
+    raise TypeError(f"cache must be an EmbeddingCache, a bool or a directory, not {type(cache).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: vlm-tta cache info|clear
+# ----------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``cache`` verb (``info``, ``clear``) to an argparse subparsers object."""
+    desc = (
+        "Inspect or clear the shared embedding cache. Location: --cache-dir, else "
+        f"${CACHE_DIR_ENV}, else $XDG_CACHE_HOME/vlm_tta, else ~/.cache/vlm_tta."
+    )
+    p = subparsers.add_parser("cache", help="inspect or clear the embedding cache", description=desc)
+    # SUPPRESS: never overwrite a --cache-dir given at another level of the command line.
+    p.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
+    sub = p.add_subparsers(dest="cache_command", metavar="{info,clear}")
+    pi = sub.add_parser("info", help="location, size and entries of the cache", description=desc)
+    pi.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
+    pi.add_argument("--json", action="store_true", help="print JSON")
+    pc = sub.add_parser("clear", help="delete the cached embeddings", description=desc)
+    pc.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
+    pc.add_argument("--yes", "-y", action="store_true", help="delete without asking")
+    pc.add_argument("--kind", default=None, help="delete only entries of this kind (e.g. view, text)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _format_info(d: Mapping[str, Any]) -> str:
+    lines = [f"location:  {d['location']}", f"database:  {d['path']}"]
+    if not d["exists"]:
+        lines.append("size:      0 B (no cache database yet)")
+    else:
+        lines.append(f"size:      {_human_bytes(d['bytes'])} on disk, {_human_bytes(d['payload_bytes'])} of embeddings")
+        lines.append(f"entries:   {d['entries']}")
+        for kind, n in d["kinds"].items():
+            lines.append(f"  {kind or '(other)'}: {n}")
+    if d.get("error"):
+        lines.append(f"error:     {d['error']} (`vlm-tta cache clear --yes` starts a new cache)")
+    if not d["enabled"]:
+        lines.append(f"state:     disabled ({NO_CACHE_ENV} is set)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``vlm-tta cache ...``; returns the exit status."""
+    cache = EmbeddingCache(getattr(args, "cache_dir", None))
+    command = getattr(args, "cache_command", None) or "info"
+    d = cache.info()
+    if command == "info":
+        print(json.dumps(d, indent=2, sort_keys=True) if getattr(args, "json", False) else _format_info(d))
+        return 0
+    if command == "clear":
+        kind = getattr(args, "kind", None)
+        what = (f"{d['kinds'].get(kind, 0)} '{kind}' entries" if kind is not None
+                else f"{d['entries']} entries ({_human_bytes(d['bytes'])})")
+        if not d["exists"] and not any(p.exists() for p in cache._side_files()):
+            print(f"nothing to clear: no cache database at {d['path']}")
+            return 0
+        if not getattr(args, "yes", False):
+            if sys.stdin is not None and sys.stdin.isatty():
+                answer = input(f"delete {what} from {d['path']}? [y/N] ").strip().lower()
+                if answer not in ("y", "yes"):
+                    print("nothing deleted")
+                    return 1
+            else:
+                print(f"would delete {what} from {d['path']}; pass --yes to delete")
+                return 1
+        try:
+            n = cache.clear(kind, remove_files=kind is None)
+        except OSError as exc:
+            print(f"vlm-tta: error: {exc}", file=sys.stderr)
+            return 1
+        kept = cache.db_path.exists() and kind is None
+        print(f"deleted {n} entries from {d['path']}"
+              + (" (the emptied database is kept: another process has it open)" if kept else ""))
+        return 0
+    print(f"unknown cache command {command!r}; use info or clear", file=sys.stderr)  # pragma: no cover
+    return 2
