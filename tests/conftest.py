@@ -117,3 +117,10 @@ def tiny_hf_siglip(_tiny_hf_siglip_parts, tiny_hf_siglip_dir):
 
     model, processor = _tiny_hf_siglip_parts
     return from_hf(model, processor, name="hf:tiny-siglip", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _scratch_cache_dir(tmp_path_factory, monkeypatch):
+    """Tests that use the default cache location write to a scratch folder, never ~/.cache."""
+    monkeypatch.setenv("VLM_TTA_CACHE_DIR", str(tmp_path_factory.mktemp("vlm_tta_cache")))
+    monkeypatch.delenv("VLM_TTA_NO_CACHE", raising=False)

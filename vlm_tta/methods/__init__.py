@@ -1,0 +1,22 @@
+"""Test-time methods and their registry. Importing this package registers every built-in method."""
+
+from .base import (
+    Method,
+    MethodContext,
+    Prediction,
+    create_method,
+    get_method_class,
+    list_methods,
+    register_method,
+)
+from . import zeroshot  # noqa: F401  (registers "zeroshot")
+
+__all__ = [
+    "Method",
+    "MethodContext",
+    "Prediction",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "register_method",
+]

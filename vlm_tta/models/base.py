@@ -64,8 +64,10 @@ def state_dict_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def validate_classnames(classnames: Sequence[str]) -> list[str]:
-    """Return the class names as a list after checking none is empty, blank or duplicated."""
+def validate_classnames(classnames: Sequence[str], allow_duplicates: bool = False) -> list[str]:
+    """Return the class names as a list after checking none is empty, blank or (unless
+    ``allow_duplicates``) duplicated. CLIP's curated ImageNet names repeat "missile" and
+    "sunglasses"; benchmark code passes ``allow_duplicates=True`` for them."""
     if isinstance(classnames, str):
         raise ClassNamesError(
             "classnames must be a sequence of names, not one string; e.g. ['cat', 'dog'] "
@@ -80,11 +82,12 @@ def validate_classnames(classnames: Sequence[str]) -> list[str]:
         if not name.strip():
             raise ClassNamesError(f"class name #{i} is blank; every class needs a name")
     seen: dict[str, int] = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(names if not allow_duplicates else ()):
         key = name.strip()
         if key in seen:
             raise ClassNamesError(
-                f"class name {name!r} appears twice (positions {seen[key]} and {i}); class names must be unique"
+                f"class name {name!r} appears twice (positions {seen[key]} and {i}); class names must be unique "
+                "(pass allow_duplicate_classnames=True if two classes really share a name)"
             )
         seen[key] = i
     return names
@@ -205,10 +208,12 @@ class VisionLanguageModel(ABC):
         emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
         return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
 
-    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+    def class_embeddings(
+        self, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",), allow_duplicates: bool = False
+    ) -> torch.Tensor:
         """C x D class embeddings: each template's text embedding is L2-normalised, the templates are
         averaged per class, and the mean is re-normalised (CLIP's prompt ensembling, Radford et al. 2021)."""
-        names = validate_classnames(classnames)
+        names = validate_classnames(classnames, allow_duplicates)
         temps = validate_templates(templates)
         texts = [t.format(name) for name in names for t in temps]
         emb = self.encode_texts(texts, normalize=True).view(len(names), len(temps), -1)

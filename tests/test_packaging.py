@@ -1,0 +1,49 @@
+"""The installed package carries every prompt file and the console script."""
+
+import shutil
+from importlib import metadata, resources
+from pathlib import Path
+
+import pytest
+
+REPO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+
+
+def _installed_files(root) -> set[str]:
+    out = set()
+    stack = [(root, "")]
+    while stack:
+        node, prefix = stack.pop()
+        for child in node.iterdir():
+            rel = f"{prefix}{child.name}"
+            if child.is_dir():
+                if child.name != "__pycache__":
+                    stack.append((child, rel + "/"))
+            elif not child.name.endswith(".pyc"):
+                out.add(rel)
+    return out
+
+
+def test_every_prompt_file_is_installed():
+    if not REPO_PROMPTS.is_dir():
+        pytest.skip("not running from a source checkout")
+    repo = {str(p.relative_to(REPO_PROMPTS)) for p in REPO_PROMPTS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    installed = _installed_files(resources.files("vlm_tta.prompts"))
+    missing = sorted(repo - installed)
+    assert not missing, f"prompt files missing from the installed package: {missing[:10]}"
+    assert {"templates/clip80.txt", "templates/single.txt", "templates/clip7.txt"} <= installed
+
+
+def test_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("vlm-tta") == "vlm_tta.cli:main"
+
+
+def test_console_script_runs():
+    exe = shutil.which("vlm-tta")
+    if exe is None:
+        pytest.skip("vlm-tta is not on PATH in this environment")
+    import subprocess
+
+    out = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "zeroshot" in out.stdout

@@ -1,0 +1,119 @@
+"""Embeddings of class prompts and of test-time views, computed once and read from the cache after.
+
+This is the only place that runs the encoders for the methods. Keys (see :mod:`vlm_tta.cache`):
+
+* class embeddings: ``("text", model fingerprint, templates, classnames)`` -> C x D;
+* view embeddings: ``("view", model fingerprint, image content hash, *ViewSet.key_parts(i))`` -> D.
+  View 0 (the original) has the same key under every recipe, so zero-shot, TPT and every other
+  method share it.
+
+The cache stores raw (un-normalised) image embeddings, as SubTTA needs them; callers get them
+L2-normalised unless they ask otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cache import EmbeddingCache, make_key
+from .images import content_hash
+from .models.base import VisionLanguageModel, validate_classnames
+from .templates import get_templates
+from .views import ViewSet
+
+
+class FeatureStore:
+    """Class and view embeddings of one model, through a (possibly disabled) :class:`EmbeddingCache`.
+
+    ``encode_batch_size`` bounds how many views go through the image encoder at once.
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        cache: EmbeddingCache | None = None,
+        encode_batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        self.model = model
+        self.cache = cache if cache is not None else EmbeddingCache(enabled=False)
+        self.encode_batch_size = encode_batch_size
+        self.num_workers = num_workers
+
+    def class_features(self, classnames: Sequence[str], templates=None, allow_duplicates: bool = False) -> torch.Tensor:
+        """C x D L2-normalised class embeddings (templates ensembled as in CLIP)."""
+        names = validate_classnames(classnames, allow_duplicates)
+        temps = get_templates(templates)
+        key = make_key("text", self.model.fingerprint, temps, names)
+        arr = self.cache.get_or_compute([key], lambda _missing: self.model.class_embeddings(names, temps, allow_duplicates)[None])
+        return torch.from_numpy(np.ascontiguousarray(arr[0]))
+
+    def view_features(
+        self,
+        images: Sequence[Image.Image],
+        view_set: ViewSet,
+        normalize: bool = True,
+        hashes: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """N x V x D embeddings of the views of RGB ``images`` (V = ``view_set.n_views``).
+
+        Only views missing from the cache are generated and encoded, in batches of
+        ``encode_batch_size``.
+        """
+        n, v = len(images), view_set.n_views
+        if hashes is None:
+            hashes = [content_hash(img) for img in images]
+        fp = self.model.fingerprint
+        keys = [make_key("view", fp, h, *view_set.key_parts(j)) for h in hashes for j in range(v)]
+
+        def compute(missing: list[int]) -> np.ndarray:
+            # Group the missing (image, view) pairs by image so each image's views are made once.
+            by_image: dict[int, list[int]] = {}
+            for flat in missing:
+                by_image.setdefault(flat // v, []).append(flat % v)
+            out = np.empty((len(missing), self.model.embed_dim), dtype=np.float32)
+            row_of = {flat: r for r, flat in enumerate(missing)}
+            pending_rows: list[int] = []
+            pending_pixels: list[torch.Tensor] = []
+
+            def flush() -> None:
+                if pending_pixels:
+                    emb = self.model.encode_images(torch.cat(pending_pixels), normalize=False)
+                    out[pending_rows] = emb.numpy()
+                    pending_rows.clear()
+                    pending_pixels.clear()
+
+            for i, view_ids in by_image.items():
+                pixels = view_set.make(images[i], self.model.preprocess_cfg, indices=view_ids, original=self.model.preprocess)
+                pending_pixels.append(pixels)
+                pending_rows.extend(row_of[i * v + j] for j in view_ids)
+                if len(pending_rows) >= self.encode_batch_size:
+                    flush()
+            flush()
+            return out
+
+        arr = self.cache.get_or_compute(keys, compute) if keys else np.empty((0, self.model.embed_dim), np.float32)
+        feats = torch.from_numpy(np.ascontiguousarray(arr)).view(n, v, -1)
+        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+
+def encoder_call_counter(model: VisionLanguageModel) -> Callable[[], dict[str, int]]:
+    """Wrap ``model``'s encoders to count calls (used by tests and benchmarks); returns a getter."""
+    counts = {"images": 0, "texts": 0}
+    enc_i, enc_t = model._encode_images, model._encode_texts
+
+    def images(pixels):
+        counts["images"] += 1
+        return enc_i(pixels)
+
+    def texts(texts_):
+        counts["texts"] += 1
+        return enc_t(texts_)
+
+    model._encode_images = images  # type: ignore[method-assign]
+    model._encode_texts = texts  # type: ignore[method-assign]
+    return lambda: dict(counts)

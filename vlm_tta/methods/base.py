@@ -1,0 +1,177 @@
+"""Methods, their predictions, and the registry that makes each one a decorator away.
+
+A method answers one question: given the class embeddings and a test image (through its view
+embeddings, or its pixels for model-level methods), which class is it? Each method is a class with
+a config dataclass of its paper's defaults::
+
+    @dataclass
+    class MyConfig:
+        selection_p: float = 0.1  # TPT (Shu et al., 2022), section 3.2
+
+    @register_method("mine")
+    class Mine(Method):
+        config_class = MyConfig
+        def predict_features(self, features): ...
+
+Feature-level methods implement :meth:`Method.predict_features` on L2-normalised view embeddings
+(V x D, view 0 = the original image); episodic ones may vectorise :meth:`Method.predict_batch`.
+Online methods (``episodic = False``) keep state along the stream and are fed in stream order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from ..errors import MethodOptionError, UnknownMethodError
+from ..views import ViewSet
+
+
+@dataclass
+class Prediction:
+    """One image's answer: logits over the classes and, where the method has one, a score.
+
+    ``score`` is an in-distribution / clean-sample confidence: higher means more likely a clean
+    image of one of the classes (OOD and noisy-sample detection threshold it).
+    """
+
+    logits: torch.Tensor
+    score: float | None = None
+
+    @property
+    def index(self) -> int:
+        return int(self.logits.argmax())
+
+
+@dataclass
+class MethodContext:
+    """What a method is set up with before it sees the stream."""
+
+    class_features: torch.Tensor  # C x D, L2-normalised
+    logit_scale: float
+    logit_bias: float | None = None
+    classnames: Sequence[str] | None = None
+    model: Any = None  # the VisionLanguageModel, for model-level methods; None on features
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The backbone's logits for L2-normalised image features (... x D) against the classes."""
+        out = self.logit_scale * image_features @ self.class_features.T
+        return out + self.logit_bias if self.logit_bias is not None else out
+
+
+class Method:
+    """Base class of every test-time method. Subclasses set ``config_class`` and implement
+    :meth:`predict_features` (feature-level) or :meth:`predict_sample` (model-level)."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = type(None)
+    #: episodic methods forget everything after each image; online ones carry state.
+    episodic: ClassVar[bool] = True
+    #: model-level methods (TPT, TCA, ...) need the backbone and the pixels.
+    needs_pixels: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        if config is None:
+            config = make_config(self.config_class, options, self.name)
+        elif options:
+            config = dataclasses.replace(config, **options)
+        self.config = config
+        self.ctx: MethodContext | None = None
+
+    # ------------------------------------------------------------------ what the method needs
+    def view_set(self) -> ViewSet:
+        """The views this method reads. Default: the original image only."""
+        return ViewSet("original", 1)
+
+    # ------------------------------------------------------------------ life cycle
+    def setup(self, ctx: MethodContext) -> None:
+        """Receive the class embeddings (and the model); called once before the stream."""
+        self.ctx = ctx
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream (online methods clear their memory here)."""
+
+    # ------------------------------------------------------------------ prediction
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        """Predict one image from its L2-normalised view embeddings (V x D, view 0 = original)."""
+        raise NotImplementedError(f"method {self.name!r} does not run on embeddings; use classify() on images")
+
+    def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
+        """Predict N images (N x V x D) in stream order. The default feeds them one by one, which
+        is what online methods need; episodic methods override it with a vectorised version."""
+        return [self.predict_features(f) for f in features]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def make_config(config_class: type, options: dict, method_name: str = ""):
+    """Build ``config_class(**options)``, rejecting unknown options with the list of valid ones."""
+    if config_class is type(None):
+        if options:
+            raise MethodOptionError(f"method {method_name!r} takes no options; got {sorted(options)}")
+        return None
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(fields), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise MethodOptionError(
+            f"unknown option(s) for method {method_name!r}: {', '.join(hints)}. "
+            f"Valid options: {', '.join(sorted(fields)) or 'none'}"
+        )
+    return config_class(**options)
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Method]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(name: str, *aliases: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a :class:`Method` subclass to the registry under ``name``."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        key = name.lower()
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[key].__name__})")
+        cls.name = key
+        _REGISTRY[key] = cls
+        for alias in aliases:
+            _ALIASES[alias.lower()] = key
+        return cls
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered class for ``name`` (case-insensitive); a clear error for unknown names."""
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"method must be a name (str), got {type(name).__name__}")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY) + list(_ALIASES), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}.{hint} Available methods: {', '.join(list_methods())}")
+    return _REGISTRY[key]
+
+
+def create_method(name: str | Method, **options: Any) -> Method:
+    """A configured method instance: ``create_method("zeroshot")``; an instance passes through."""
+    if isinstance(name, Method):
+        if options:
+            raise MethodOptionError("pass options either to the method instance or here, not both")
+        return name
+    return get_method_class(name)(**options)
