@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, as_cache
 from .errors import FeatureError, ImageError
 from .images import ImageLike, content_hash, load_image
 from .methods import MethodContext, Prediction, create_method
@@ -114,6 +114,7 @@ def classify(
     cache_dir: str | os.PathLike | None = None,
     cache: bool | EmbeddingCache = True,
     progress: bool | None = None,
+    num_workers: int | None = None,
     allow_duplicate_classnames: bool = False,
     **method_options: Any,
 ) -> ClassificationResult:
@@ -133,6 +134,8 @@ def classify(
         cache_dir / cache: where the embedding cache lives (default: ``$VLM_TTA_CACHE_DIR`` or the
             user's cache dir); ``cache=False`` disables it, or pass an :class:`EmbeddingCache`.
         progress: show a progress bar (default: when there are more than 256 images and stderr is a tty).
+        num_workers: threads that make test-time views (default: the usable CPUs, at most 8;
+            0 makes them in this thread). Views are identical for any value.
         allow_duplicate_classnames: accept a name used by two classes (CLIP's ImageNet list has
             "missile" and "sunglasses" twice); by default a duplicate is an error.
 
@@ -154,7 +157,11 @@ def classify(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     vlm = resolve_model(model, device=device)
-    store = FeatureStore(vlm, _resolve_cache(cache, cache_dir), encode_batch_size=batch_size)
+    if num_workers is None:
+        from .views import default_num_workers
+
+        num_workers = default_num_workers()
+    store = FeatureStore(vlm, as_cache(cache_dir if cache is True else cache), encode_batch_size=batch_size, num_workers=num_workers)
     class_features = store.class_features(names, templates, allow_duplicates=allow_duplicate_classnames)
     method_obj.setup(MethodContext(class_features, vlm.logit_scale, vlm.logit_bias, names, vlm))
     if method_obj.needs_pixels:
@@ -251,12 +258,6 @@ def _as_float_tensor(x: Any, what: str) -> torch.Tensor:
     if x.numel() and (x.norm(dim=-1) == 0).any():
         raise FeatureError(f"{what} contains an all-zero embedding, which has no direction")
     return x
-
-
-def _resolve_cache(cache: bool | EmbeddingCache, cache_dir) -> EmbeddingCache:
-    if isinstance(cache, EmbeddingCache):
-        return cache
-    return EmbeddingCache(cache_dir, enabled=bool(cache))
 
 
 def _stderr_is_tty() -> bool:

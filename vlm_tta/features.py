@@ -88,7 +88,14 @@ class FeatureStore:
                     pending_pixels.clear()
 
             for i, view_ids in by_image.items():
-                pixels = view_set.make(images[i], self.model.preprocess_cfg, indices=view_ids, original=self.model.preprocess)
+                pixels = view_set.make(
+                    images[i],
+                    self.model.preprocess_cfg,
+                    indices=view_ids,
+                    original=self.model.preprocess,
+                    image_hash=hashes[i],
+                    num_workers=self.num_workers,
+                )
                 pending_pixels.append(pixels)
                 pending_rows.extend(row_of[i * v + j] for j in view_ids)
                 if len(pending_rows) >= self.encode_batch_size:

@@ -6,7 +6,7 @@ a :class:`ViewSet` says which recipe, how many views and which seed. View ``i`` 
 pure function of ``(recipe, seed, image content, i)``:
 
 * view 0 is always the **original** view (the backbone's own resize + centre crop), shared by every
-  recipe: its cache key is ``("original",)``;
+  recipe: its cache key is ``("original", VIEWS_VERSION)``;
 * view ``i >= 1`` draws its randomness from generators seeded with
   ``sha256(f"{seed}|{image_hash}|{i}")`` (never from the global ``random``/``numpy``/``torch``
   RNGs), so it is the same whether 8 or 64 views are asked for, in any order, in any worker thread,
