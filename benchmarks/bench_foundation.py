@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 import vlm_tta
-from vlm_tta.cache import EmbeddingCache
-from vlm_tta.features import FeatureStore, encoder_call_counter
+from vlm_tta.cache import EmbeddingCache, make_key
+from vlm_tta.features import encoder_call_counter
 from vlm_tta.views import ViewSet, list_view_recipes
 
 TINY_CONFIG = {
@@ -93,19 +93,23 @@ def main() -> None:
                   f"({1000 * t / len(vimgs) / n:.2f} ms/view)")
 
         # ---------------------------------------------------------------- bytes per 1000 views
-        print("\ncache size per 1,000 view embeddings (D = %d)" % model.embed_dim)
+        # The exact rows FeatureStore writes (same keys, D-dim float rows), without the encoder.
+        print(f"\ncache size per 1,000 view embeddings (D = {model.embed_dim}; whole database file)")
+        vs = ViewSet("crop_flip", 64, seed=0)
+        rng = np.random.default_rng(0)
         for dtype in ("float32", "float16"):
             c = EmbeddingCache(Path(tmp) / f"bytes-{dtype}", storage_dtype=dtype)
-            store = FeatureStore(model, c)
-            vs = ViewSet("crop_flip", 64, seed=0)
-            imgs = make_images(16, seed=1)  # 16 x 64 = 1,024 view embeddings
-            store.view_features(imgs, vs)
-            c.close()
-            c = EmbeddingCache(Path(tmp) / f"bytes-{dtype}", storage_dtype=dtype)
-            info = c.info()
-            per_1000 = info["bytes"] * 1000 / info["entries"]  # whole file, WAL checkpointed on close
-            print(f"  {dtype}: {per_1000 / 1024:8.1f} KiB per 1,000 (payload {info['payload_bytes'] * 1000 / info['entries'] / 1024:.1f} KiB)")
-
+            rows = [
+                (make_key("view", model.fingerprint, f"image{i:04d}", *vs.key_parts(j)),
+                 rng.standard_normal(model.embed_dim).astype(np.float32))
+                for i in range(100) for j in range(1, 11)
+            ]
+            c.put_many(rows)
+            c.close()  # checkpoints the write-ahead log into the database file
+            info = EmbeddingCache(Path(tmp) / f"bytes-{dtype}", storage_dtype=dtype).info()
+            per_1000 = info["bytes"] * 1000 / info["entries"]
+            payload = info["payload_bytes"] * 1000 / info["entries"]
+            print(f"  {dtype}: {per_1000 / 1024:8.1f} KiB on disk per 1,000 (raw payload {payload / 1024:.1f} KiB)")
 
 if __name__ == "__main__":
     main()

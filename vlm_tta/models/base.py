@@ -285,3 +285,18 @@ class TorchBackbone(VisionLanguageModel):
     def refresh_fingerprint(self) -> str:
         self._weights_digest = self._compute_weights_digest()
         return self.fingerprint
+
+    # open_clip and transformers both keep the temperature as log(scale) in ``logit_scale`` and
+    # SigLIP's bias in ``logit_bias``.
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float().reshape(-1)[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim

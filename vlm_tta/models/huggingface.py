@@ -195,19 +195,6 @@ class HFModel(TorchBackbone):
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         return _features(self.model.get_text_features(**self.tokenize(texts)))
 
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
-
-    @property
-    def logit_bias(self) -> float | None:
-        bias = getattr(self.model, "logit_bias", None)
-        return None if bias is None else float(bias.detach().float().reshape(-1)[0])
-
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
-
 
 def from_hf(model: torch.nn.Module, processor: Any, name: str | None = None, device=None,
             precision: str | None = None) -> HFModel:

@@ -204,19 +204,6 @@ class OpenClipModel(TorchBackbone):
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenize(texts))
 
-    @property
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
-
-    @property
-    def logit_bias(self) -> float | None:
-        bias = getattr(self.model, "logit_bias", None)
-        return None if bias is None else float(bias.detach().float().reshape(-1)[0])
-
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
-
     def _infer_embed_dim(self) -> int:
         proj = getattr(self.model, "text_projection", None)
         if isinstance(proj, torch.Tensor) and proj.ndim == 2:
