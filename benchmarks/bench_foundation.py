@@ -60,8 +60,10 @@ def main() -> None:
     spec = TINY_CONFIG if args.model == "tiny" else args.model
     model = vlm_tta.load_model(spec, pretrained=None, device=args.device)
     images = make_images(args.images)
-    print(f"model: {args.model} (random weights) on {args.device}; {args.images} images "
-          f"(500x375 .. 640x480), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {args.model} (random weights) on {args.device}; {args.images} images "
+        f"(500x375 .. 640x480), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         # ---------------------------------------------------------------- cold vs warm cache
@@ -75,24 +77,30 @@ def main() -> None:
         assert (cold.indices == warm.indices).all() and np.allclose(cold.logits, warm.logits)
         print("\nzero-shot (classify, decode + hash + views + encode or cache read)")
         print(f"  cold cache: {args.images / t_cold:9.1f} images/s   image-encoder calls {after_cold['images']}")
-        print(f"  warm cache: {args.images / t_warm:9.1f} images/s   image-encoder calls "
-              f"{after_warm['images'] - after_cold['images']}")
+        print(
+            f"  warm cache: {args.images / t_warm:9.1f} images/s   image-encoder calls "
+            f"{after_warm['images'] - after_cold['images']}"
+        )
         print(f"  warm / cold speed ratio: {t_cold / t_warm:.1f}x")
 
         # ---------------------------------------------------------------- views per recipe
         cfg = model.preprocess_cfg
         vimgs = images[: args.view_images]
-        print(f"\nview generation ({args.views} views per image incl. the original, "
-              f"{cfg.image_size[0]}px, CPU, per image)")
+        print(
+            f"\nview generation ({args.views} views per image incl. the original, "
+            f"{cfg.image_size[0]}px, CPU, per image)"
+        )
         workers = default_num_workers()
         for recipe in list_view_recipes():
             n = 1 if recipe == "original" else args.views
             vs = ViewSet(recipe, n, seed=0)
             vs.make(vimgs[0], cfg)  # warm-up
-            _, t0 = timed(lambda: [vs.make(img, cfg) for img in vimgs])
-            _, t1 = timed(lambda: [vs.make(img, cfg, num_workers=workers) for img in vimgs])
-            print(f"  {recipe:15s} {n:3d} views: {1000 * t0 / len(vimgs):8.1f} ms/image serial, "
-                  f"{1000 * t1 / len(vimgs):8.1f} ms/image with {workers} threads")
+            _, t0 = timed(lambda vs=vs: [vs.make(img, cfg) for img in vimgs])
+            _, t1 = timed(lambda vs=vs: [vs.make(img, cfg, num_workers=workers) for img in vimgs])
+            print(
+                f"  {recipe:15s} {n:3d} views: {1000 * t0 / len(vimgs):8.1f} ms/image serial, "
+                f"{1000 * t1 / len(vimgs):8.1f} ms/image with {workers} threads"
+            )
 
         # ---------------------------------------------------------------- bytes per 1000 views
         # The exact rows FeatureStore writes (same keys, D-dim float rows), without the encoder.
@@ -102,9 +110,12 @@ def main() -> None:
         for dtype in ("float32", "float16"):
             c = EmbeddingCache(Path(tmp) / f"bytes-{dtype}", storage_dtype=dtype)
             rows = [
-                (make_key("view", model.fingerprint, f"image{i:04d}", *vs.key_parts(j)),
-                 rng.standard_normal(model.embed_dim).astype(np.float32))
-                for i in range(100) for j in range(1, 11)
+                (
+                    make_key("view", model.fingerprint, f"image{i:04d}", *vs.key_parts(j)),
+                    rng.standard_normal(model.embed_dim).astype(np.float32),
+                )
+                for i in range(100)
+                for j in range(1, 11)
             ]
             c.put_many(rows)
             c.close()  # checkpoints the write-ahead log into the database file
@@ -112,6 +123,7 @@ def main() -> None:
             per_1000 = info["bytes"] * 1000 / info["entries"]
             payload = info["payload_bytes"] * 1000 / info["entries"]
             print(f"  {dtype}: {per_1000 / 1024:8.1f} KiB on disk per 1,000 (raw payload {payload / 1024:.1f} KiB)")
+
 
 if __name__ == "__main__":
     main()

@@ -45,7 +45,11 @@ def _blocked(host) -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def _no_network():
     """Any connection (or DNS lookup) to a non-local host fails at once instead of hanging."""
-    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    real_connect, real_connect_ex, real_getaddrinfo = (
+        socket.socket.connect,
+        socket.socket.connect_ex,
+        socket.getaddrinfo,
+    )
 
     def connect(self, address):
         if self.family in (socket.AF_INET, socket.AF_INET6) and _blocked(address[0]):

@@ -48,8 +48,9 @@ def write_corrupt(path: Path) -> Path:
 # -- ImageNet family ----------------------------------------------------------------------------
 
 
-def make_wnid_folders(base: Path, wnids: Sequence[str], labels: Optional[Sequence[int]] = None,
-                      per_class: int = 1, ext: str = ".JPEG") -> Path:
+def make_wnid_folders(
+    base: Path, wnids: Sequence[str], labels: Optional[Sequence[int]] = None, per_class: int = 1, ext: str = ".JPEG"
+) -> Path:
     """``base/<wnid>/<wnid>_<k><ext>``; the image colour is ``class_color(labels[i])``."""
     labels = list(labels) if labels is not None else list(range(len(wnids)))
     for w, y in zip(wnids, labels):
@@ -105,8 +106,13 @@ def coop_entries(name: str, labels: Iterable[int], per_class: int = 2, split: st
     return out
 
 
-def make_coop(root: Path, name: str, labels: Optional[Sequence[int]] = None, per_class: int = 2,
-              splits: Sequence[str] = ("train", "val", "test")) -> Path:
+def make_coop(
+    root: Path,
+    name: str,
+    labels: Optional[Sequence[int]] = None,
+    per_class: int = 2,
+    splits: Sequence[str] = ("train", "val", "test"),
+) -> Path:
     """A CoOp dataset folder ``root/<folder>/`` with images and its split JSON; returns the folder."""
     folder, subdir, split_file = COOP[name]
     base = Path(root) / folder

@@ -154,8 +154,7 @@ def test_roundtrip_shapes_and_dtypes(tmp_path, shape):
     b = rng.integers(0, 2, size=shape).astype(bool)
     big_endian = f32.astype(">f4")
     c.put_many([("f32", f32), ("f64", f64), ("f16", f16), ("i64", i64), ("u8", u8), ("b", b), ("be", big_endian)])
-    for key, want in [("f32", f32), ("f64", f64.astype(np.float32)), ("f16", f16.astype(np.float32)),
-                      ("be", f32)]:
+    for key, want in [("f32", f32), ("f64", f64.astype(np.float32)), ("f16", f16.astype(np.float32)), ("be", f32)]:
         got = c.get(key)
         assert got.dtype == np.float32 and got.shape == shape and np.array_equal(got, want), key
     for key, want in [("i64", i64), ("u8", u8), ("b", b)]:
@@ -220,7 +219,9 @@ def test_get_or_compute_only_misses(tmp_path, storage):
     assert np.array_equal(EmbeddingCache(tmp_path, storage_dtype=storage).get_or_compute(keys, other), cold)
     assert other.calls == []
     # even when the cache is off, results are the same
-    assert np.array_equal(EmbeddingCache(tmp_path, storage_dtype=storage, enabled=False).get_or_compute(keys, Counter(values)), cold)
+    assert np.array_equal(
+        EmbeddingCache(tmp_path, storage_dtype=storage, enabled=False).get_or_compute(keys, Counter(values)), cold
+    )
 
 
 def test_get_or_compute_duplicates_and_errors(tmp_path):
@@ -353,8 +354,22 @@ def test_concurrent_writer_processes(tmp_path):
     n_workers, count, stride, dim = 4, 300, 150, 64  # worker w writes keys [150w, 150w + 300)
     hi = stride * (n_workers - 1) + count
     procs = [
-        _worker("write", str(tmp_path), "--worker", str(w), "--start", str(w * stride), "--count", str(count),
-                "--lo", "0", "--hi", str(hi), "--dim", str(dim))
+        _worker(
+            "write",
+            str(tmp_path),
+            "--worker",
+            str(w),
+            "--start",
+            str(w * stride),
+            "--count",
+            str(count),
+            "--lo",
+            "0",
+            "--hi",
+            str(hi),
+            "--dim",
+            str(dim),
+        )
         for w in range(n_workers)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -519,7 +534,9 @@ def test_read_only_database_still_serves_reads(tmp_path, monkeypatch):
     with EmbeddingCache(tmp_path) as c:
         c.put("a", np.ones(3))
     real = cache_mod._connect
-    monkeypatch.setattr(cache_mod, "_connect", lambda path, readonly=False, immutable=False: real(path, True, immutable))
+    monkeypatch.setattr(
+        cache_mod, "_connect", lambda path, readonly=False, immutable=False: real(path, True, immutable)
+    )
     c = EmbeddingCache(tmp_path)
     values = rows(3, 3)
     compute = Counter(values)

@@ -108,7 +108,7 @@ def test_cache_and_no_cache_agree(tiny_hf_clip, tmp_path):
 
 def test_order_is_kept_and_inputs_mix(tiny_openclip, tmp_path):
     imgs = _images(4)
-    mixed = [imgs[0], np.asarray(imgs[1]), torch.from_numpy(np.asarray(imgs[2])).permute(2, 0, 1), imgs[3]]
+    mixed = [imgs[0], np.asarray(imgs[1]), torch.from_numpy(np.array(imgs[2])).permute(2, 0, 1), imgs[3]]
     a = vlm_tta.classify(mixed, CLASSES, model=tiny_openclip, cache=False)
     b = vlm_tta.classify(imgs, CLASSES, model=tiny_openclip, cache=False)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6)
@@ -191,7 +191,10 @@ def test_cli_classify_table_and_json(tiny_hf_clip_dir, tmp_path, capsys):
         paths.append(str(tmp_path / f"img{i}.png"))
         img.save(paths[-1])
     spec = f"hf:{tiny_hf_clip_dir}"
-    assert main(["classify", *paths, "--classes", "cat,dog,bird", "--model", spec, "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (
+        main(["classify", *paths, "--classes", "cat,dog,bird", "--model", spec, "--cache-dir", str(tmp_path / "c")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "img0.png" in out and "label" in out
     assert main(["classify", *paths, "--classes", "cat,dog,bird", "--model", spec, "--json", "--no-cache"]) == 0
@@ -199,7 +202,9 @@ def test_cli_classify_table_and_json(tiny_hf_clip_dir, tmp_path, capsys):
     assert len(data["predictions"]) == 2 and data["predictions"][0]["label"] in CLASSES
     classes_file = tmp_path / "classes.txt"
     classes_file.write_text("cat\ndog\n\nbird\n")
-    assert main(["classify", paths[0], "--classes-file", str(classes_file), "--model", spec, "--json", "--no-cache"]) == 0
+    assert (
+        main(["classify", paths[0], "--classes-file", str(classes_file), "--model", spec, "--json", "--no-cache"]) == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["predictions"][0]["top"]) == 3
 
 
@@ -232,3 +237,49 @@ def test_imagenet_style_duplicate_names_when_allowed(tiny_openclip):
         vlm_tta.classify(_images(1), names, model=tiny_openclip, cache=False)
     res = vlm_tta.classify(_images(2), names, model=tiny_openclip, cache=False, allow_duplicate_classnames=True)
     assert res.probs.shape == (2, 3)
+
+
+def test_model_level_methods_get_samples_with_pixels_and_views(tiny_openclip, tmp_path):
+    from vlm_tta.methods import Method, Prediction, register_method
+    from vlm_tta.methods.base import _REGISTRY
+
+    seen = []
+
+    @register_method("_test_pixels")
+    class PixelProbe(Method):
+        needs_pixels = True
+
+        def predict_sample(self, sample):
+            vs = ViewSet("crop_flip", 3, seed=1)
+            pixels = sample.views(vs)
+            feats = sample.view_features(vs)
+            seen.append((sample.index, sample.image.size, tuple(pixels.shape), tuple(feats.shape)))
+            # the views' pixels encode to the cached view embeddings
+            direct = torch.nn.functional.normalize(self.ctx.model.encode_images(pixels), dim=-1)
+            torch.testing.assert_close(direct, feats, rtol=1e-4, atol=1e-5)
+            return Prediction(self.ctx.logits(feats[0]))
+
+    try:
+        imgs = _images(3)
+        res = vlm_tta.classify(imgs, CLASSES, method="_test_pixels", model=tiny_openclip, cache_dir=tmp_path)
+        zs = vlm_tta.classify(imgs, CLASSES, model=tiny_openclip, cache_dir=tmp_path)
+    finally:
+        _REGISTRY.pop("_test_pixels")
+    size = tiny_openclip.preprocess_cfg.image_size
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][1] == (40, 30) and seen[0][2] == (3, 3, *size) and seen[0][3] == (3, tiny_openclip.embed_dim)
+    np.testing.assert_allclose(res.logits, zs.logits, rtol=1e-5, atol=1e-5)  # view 0 is the original
+
+
+def test_a_dataset_can_be_classified_directly(tiny_openclip, tmp_path):
+    from vlm_tta.data import ImageFolderDataset
+
+    for c, cls in enumerate(CLASSES):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for j, img in enumerate(_images(2, seed=c)):
+            img.save(tmp_path / "data" / cls / f"{j}.png")
+    ds = ImageFolderDataset(tmp_path / "data")
+    res = vlm_tta.classify(ds, ds.classnames, model=tiny_openclip, cache=False)
+    direct = vlm_tta.classify(ds.paths, ds.classnames, model=tiny_openclip, cache=False)
+    assert len(res) == len(ds) == 6
+    np.testing.assert_array_equal(res.logits, direct.logits)

@@ -10,15 +10,42 @@ import vlm_tta.data as D
 from vlm_tta.errors import DatasetError
 
 EXPECTED_CLASSES = {
-    "imagenet": 1000, "imagenet_a": 200, "imagenet_r": 200, "imagenet_v2": 1000, "imagenet_sketch": 1000,
-    "caltech101": 100, "dtd": 47, "eurosat": 10, "fgvc_aircraft": 100, "flowers102": 102, "food101": 101,
-    "oxford_pets": 37, "stanford_cars": 196, "sun397": 397, "ucf101": 101,
+    "imagenet": 1000,
+    "imagenet_a": 200,
+    "imagenet_r": 200,
+    "imagenet_v2": 1000,
+    "imagenet_sketch": 1000,
+    "caltech101": 100,
+    "dtd": 47,
+    "eurosat": 10,
+    "fgvc_aircraft": 100,
+    "flowers102": 102,
+    "food101": 101,
+    "oxford_pets": 37,
+    "stanford_cars": 196,
+    "sun397": 397,
+    "ucf101": 101,
 }
 EXPECTED_TEST_SIZES = {
-    "caltech101": 2465, "dtd": 1692, "eurosat": 8100, "fgvc_aircraft": 3333, "flowers102": 2463,
-    "food101": 30300, "oxford_pets": 3669, "stanford_cars": 8041, "sun397": 19850, "ucf101": 3783,
-    "imagenet": 50000, "imagenet_sketch": 50889, "imagenet_a": 7500, "imagenet_r": 30000, "imagenet_v2": 10000,
-    "inaturalist": 10000, "sun": 10000, "places": 10000, "textures": 5640,
+    "caltech101": 2465,
+    "dtd": 1692,
+    "eurosat": 8100,
+    "fgvc_aircraft": 3333,
+    "flowers102": 2463,
+    "food101": 30300,
+    "oxford_pets": 3669,
+    "stanford_cars": 8041,
+    "sun397": 19850,
+    "ucf101": 3783,
+    "imagenet": 50000,
+    "imagenet_sketch": 50889,
+    "imagenet_a": 7500,
+    "imagenet_r": 30000,
+    "imagenet_v2": 10000,
+    "inaturalist": 10000,
+    "sun": 10000,
+    "places": 10000,
+    "textures": 5640,
 }
 
 
@@ -85,8 +112,16 @@ def test_imagenet_a_r_match_timm_reference_files():
 def test_known_names_and_orders():
     assert D.get_classnames("A")[0] == "stingray"  # ImageNet-A's first class, 1k index 6
     assert D.get_classnames("eurosat") == [
-        "Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road", "Industrial Buildings",
-        "Pasture Land", "Permanent Crop Land", "Residential Buildings", "River", "Sea or Lake",
+        "Annual Crop Land",
+        "Forest",
+        "Herbaceous Vegetation Land",
+        "Highway or Road",
+        "Industrial Buildings",
+        "Pasture Land",
+        "Permanent Crop Land",
+        "Residential Buildings",
+        "River",
+        "Sea or Lake",
     ]
     food = D.get_classnames("food101")
     assert food[16:18] == ["cheese plate", "cheesecake"]  # sorted folder order, as in CoOp's split
@@ -99,12 +134,29 @@ def test_known_names_and_orders():
     assert D.get_classnames("fgvc_aircraft")[0] == "707-320"
 
 
-@pytest.mark.parametrize("alias,name", [
-    ("I", "imagenet"), ("A", "imagenet_a"), ("V", "imagenet_v2"), ("R", "imagenet_r"), ("K", "imagenet_sketch"),
-    ("Flower102", "flowers102"), ("Cars", "stanford_cars"), ("Aircraft", "fgvc_aircraft"), ("Pets", "oxford_pets"),
-    ("eurosat", "eurosat"), ("DTD", "dtd"), ("SUN397", "sun397"), ("UCF101", "ucf101"), ("Caltech101", "caltech101"),
-    ("imagenet-a", "imagenet_a"), ("iNaturalist", "inaturalist"), ("Texture", "textures"), ("SUN", "sun"),
-])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("I", "imagenet"),
+        ("A", "imagenet_a"),
+        ("V", "imagenet_v2"),
+        ("R", "imagenet_r"),
+        ("K", "imagenet_sketch"),
+        ("Flower102", "flowers102"),
+        ("Cars", "stanford_cars"),
+        ("Aircraft", "fgvc_aircraft"),
+        ("Pets", "oxford_pets"),
+        ("eurosat", "eurosat"),
+        ("DTD", "dtd"),
+        ("SUN397", "sun397"),
+        ("UCF101", "ucf101"),
+        ("Caltech101", "caltech101"),
+        ("imagenet-a", "imagenet_a"),
+        ("iNaturalist", "inaturalist"),
+        ("Texture", "textures"),
+        ("SUN", "sun"),
+    ],
+)
 def test_aliases(alias, name):
     assert D.resolve_name(alias) == name
 

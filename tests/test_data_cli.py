@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import io
 
+from fake_datasets import make_coop
+
 import vlm_tta.data as D
 from vlm_tta.data.cli import add_parser
-
-from fake_datasets import make_coop
 
 
 def _run(*argv):

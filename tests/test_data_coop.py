@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from fake_datasets import COOP, class_color, make_aircraft, make_coop, symlink_or_skip, write_image
 
 import vlm_tta.data as D
 from vlm_tta.data.base import DatasetWarning
 from vlm_tta.errors import DatasetError
-
-from fake_datasets import COOP, class_color, make_aircraft, make_coop, symlink_or_skip, write_image
 
 
 @pytest.mark.parametrize("name", sorted(COOP))
@@ -192,8 +191,11 @@ def test_generic_split_json_dataset(tmp_path):
 
 def test_coop_check_lists_escapes_and_missing(tmp_path):
     base = make_coop(tmp_path, "dtd")
-    _rewrite(base, "split_zhou_DescribableTextures.json",
-             lambda d: d["test"].extend([["../evil.jpg", 0, "banded"], ["banded/gone.jpg", 0, "banded"]]))
+    _rewrite(
+        base,
+        "split_zhou_DescribableTextures.json",
+        lambda d: d["test"].extend([["../evil.jpg", 0, "banded"], ["banded/gone.jpg", 0, "banded"]]),
+    )
     rep = D.check_dataset("dtd", tmp_path)
     assert any("gone.jpg" in m for m in rep.missing)
     assert any("evil.jpg" in u for u in rep.unexpected)

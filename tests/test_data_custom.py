@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from fake_datasets import class_color, make_flat_images, make_textures, symlink_or_skip, write_image
 
 import vlm_tta.data as D
 from vlm_tta.errors import DatasetError
-
-from fake_datasets import class_color, make_flat_images, make_textures, symlink_or_skip, write_image
 
 
 def test_image_folder_dataset(tmp_path):

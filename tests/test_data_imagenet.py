@@ -7,10 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import vlm_tta.data as D
-from vlm_tta.errors import DatasetError
-
 from fake_datasets import (
     class_color,
     make_imagenet_subset,
@@ -19,6 +15,9 @@ from fake_datasets import (
     make_wnid_folders,
     write_image,
 )
+
+import vlm_tta.data as D
+from vlm_tta.errors import DatasetError
 
 NAMES = D.imagenet_classnames()
 WNIDS = D.imagenet_wnids()

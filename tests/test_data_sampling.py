@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from fake_datasets import make_flat_images, write_image
 
 import vlm_tta.data as D
 from vlm_tta.errors import DatasetError
-
-from fake_datasets import make_flat_images, write_image
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
+from fake_datasets import class_color, write_corrupt, write_image
 from PIL import Image
 
 import vlm_tta.data as D
 from vlm_tta.data.base import CorruptImageWarning, permutation
 from vlm_tta.errors import ImageError
-
-from fake_datasets import class_color, write_corrupt, write_image
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import tiny_models
 from vlm_tta.errors import ClassNamesError, ModelSpecError, TemplateError
 from vlm_tta.models import PreprocessConfig, VisionLanguageModel, from_hf, from_open_clip, load_model
 
@@ -26,7 +26,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 def _images(n=4, seed=0):
     rng = np.random.default_rng(seed)
     sizes = [(40, 30), (32, 32), (25, 50), (64, 48)]
-    return [Image.fromarray(rng.integers(0, 256, (sizes[i % 4][1], sizes[i % 4][0], 3), dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (sizes[i % 4][1], sizes[i % 4][0], 3), dtype=np.uint8)) for i in range(n)
+    ]
 
 
 def _pixels(model, n=4):
@@ -64,8 +66,12 @@ def test_openclip_preprocess_is_open_clip_transform(tiny_openclip):
 
     m = tiny_openclip
     assert m.preprocess_cfg == PreprocessConfig(
-        image_size=(32, 32), mean=OPENAI_MEAN, std=(0.26862954, 0.26130258, 0.27577711),
-        interpolation="bicubic", resize_mode="shortest", fill_color=0,
+        image_size=(32, 32),
+        mean=OPENAI_MEAN,
+        std=(0.26862954, 0.26130258, 0.27577711),
+        interpolation="bicubic",
+        resize_mode="shortest",
+        fill_color=0,
     )
     cfg = open_clip.transform.PreprocessCfg(**m.model.visual.preprocess_cfg)
     transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
@@ -98,8 +104,9 @@ def test_openclip_class_embeddings_are_the_prompt_ensemble(tiny_openclip):
     raw = torch.stack([m.encode_texts([t.format(c) for t in TEMPLATES], normalize=False).mean(0) for c in CLASSES])
     assert not torch.allclose(F.normalize(raw, dim=-1), got, atol=1e-4)
     # one template: just that template's normalised embedding
-    torch.testing.assert_close(m.class_embeddings(CLASSES, "a photo of a {}."),
-                               m.encode_texts([f"a photo of a {c}." for c in CLASSES]))
+    torch.testing.assert_close(
+        m.class_embeddings(CLASSES, "a photo of a {}."), m.encode_texts([f"a photo of a {c}." for c in CLASSES])
+    )
 
 
 def test_openclip_class_embeddings_match_build_zero_shot_classifier(tiny_openclip):
@@ -139,8 +146,9 @@ def test_from_open_clip_reads_the_transform(tiny_openclip):
     assert same.preprocess_cfg == m.preprocess_cfg and same.fingerprint == m.fingerprint
     built = from_open_clip(m.model, None, m.tokenizer)
     assert built.preprocess_cfg == m.preprocess_cfg
-    squash = open_clip.transform.image_transform(32, is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash",
-                                                 interpolation="bilinear")
+    squash = open_clip.transform.image_transform(
+        32, is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash", interpolation="bilinear"
+    )
     other = from_open_clip(m.model, squash, m.tokenizer)
     assert other.preprocess_cfg.mean == (0.5, 0.5, 0.5) and other.preprocess_cfg.resize_mode == "squash"
     assert other.preprocess_cfg.interpolation == "bilinear"
@@ -187,7 +195,9 @@ def test_load_openclip_config_json_and_directory(tiny_openclip, tiny_openclip_co
     d = tmp_path / "oc_dir"
     d.mkdir()
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": OPENAI_MEAN}}))
-    save_file({k: v.contiguous() for k, v in tiny_openclip.model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in tiny_openclip.model.state_dict().items()}, str(d / "open_clip_model.safetensors")
+    )
     for spec in (d, str(d), f"local-dir:{d}", f"open_clip:local-dir:{d}"):
         assert load_model(spec).fingerprint == tiny_openclip.fingerprint
 
@@ -222,7 +232,10 @@ def test_fingerprint_changes_with_weights_precision_and_preprocessing(tiny_openc
 
     amp = load_model(tiny_openclip_config, pretrained=tmp_path / "w.pt", precision="amp")
     assert amp.precision == "amp" and amp.fingerprint != fp
-    assert load_model(tiny_openclip_config, pretrained=tmp_path / "w.pt", precision="amp_bf16").fingerprint not in (fp, amp.fingerprint)
+    assert load_model(tiny_openclip_config, pretrained=tmp_path / "w.pt", precision="amp_bf16").fingerprint not in (
+        fp,
+        amp.fingerprint,
+    )
 
     mean = load_model(tiny_openclip_config, pretrained=tmp_path / "w.pt", preprocess_cfg={"mean": (0.5, 0.5, 0.5)})
     assert mean.preprocess_cfg.mean == (0.5, 0.5, 0.5) and mean.fingerprint != fp
@@ -306,8 +319,11 @@ def test_hf_clip_preprocess_and_encoders(tiny_hf_clip):
     m = tiny_hf_clip
     assert m.kind == "clip" and m.logit_bias is None and m.embed_dim == tiny_models.EMBED_DIM
     assert m.preprocess_cfg == PreprocessConfig(
-        image_size=(32, 32), mean=OPENAI_MEAN, std=(0.26862954, 0.26130258, 0.27577711),
-        interpolation="bicubic", resize_mode="shortest",
+        image_size=(32, 32),
+        mean=OPENAI_MEAN,
+        std=(0.26862954, 0.26130258, 0.27577711),
+        interpolation="bicubic",
+        resize_mode="shortest",
     )
     assert not m.model.training and all(not p.requires_grad for p in m.model.parameters())
     imgs = _images()
@@ -335,7 +351,9 @@ def test_hf_clip_class_embeddings_and_logits(tiny_hf_clip):
     px = _pixels(m, 2)
     enc = m.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = m.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px).logits_per_image
+        ref = m.model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px
+        ).logits_per_image
     torch.testing.assert_close(m.logits(m.encode_images(px), m.encode_texts(texts)), ref, rtol=1e-5, atol=1e-4)
     # long texts are truncated to CLIP's 77 tokens instead of failing
     assert m.encode_texts(["cat " * 200]).shape == (1, tiny_models.EMBED_DIM)
@@ -346,7 +364,11 @@ def test_hf_siglip_preprocess_text_and_logits(tiny_hf_siglip):
     m = tiny_hf_siglip
     assert m.kind == "siglip" and m.logit_bias == pytest.approx(-10.0) and m.logit_scale == pytest.approx(10.0)
     assert m.preprocess_cfg == PreprocessConfig(
-        image_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", resize_mode="squash",
+        image_size=(32, 32),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        interpolation="bicubic",
+        resize_mode="squash",
     )
     imgs = _images()
     px = _pixels(m)
@@ -454,7 +476,9 @@ def test_bad_classnames_and_templates(fixture, request):
 def test_openclip_tokenizer_argument(tiny_openclip_config, tiny_hf_clip_dir, tiny_openclip):
     from open_clip.tokenizer import HFTokenizer
 
-    m = load_model(tiny_openclip_config, pretrained=None, tokenizer=tiny_hf_clip_dir)  # a directory of HF tokenizer files
+    m = load_model(
+        tiny_openclip_config, pretrained=None, tokenizer=tiny_hf_clip_dir
+    )  # a directory of HF tokenizer files
     assert isinstance(m.tokenizer, HFTokenizer) and m.tokenizer(["a cat"]).shape == (1, 77)
     assert m.encode_texts(["a cat"]).shape == (1, tiny_models.EMBED_DIM)
     same = load_model(tiny_openclip_config, pretrained=None, tokenizer=tiny_openclip.tokenizer)  # an object
@@ -483,8 +507,9 @@ def test_cuda_defaults_to_amp_and_matches_cpu(which, request):
     img = gpu.encode_images(px)
     assert img.device.type == "cpu" and img.dtype == torch.float32
     torch.testing.assert_close(img, cpu.encode_images(px), rtol=0, atol=2e-2)
-    torch.testing.assert_close(gpu.class_embeddings(CLASSES, TEMPLATES), cpu.class_embeddings(CLASSES, TEMPLATES),
-                               rtol=0, atol=2e-2)
+    torch.testing.assert_close(
+        gpu.class_embeddings(CLASSES, TEMPLATES), cpu.class_embeddings(CLASSES, TEMPLATES), rtol=0, atol=2e-2
+    )
     fp32 = tiny_models.build_tiny_openclip(seed=0, device="cuda", precision="fp32") if which == "openclip" else None
     if fp32 is not None:
         torch.testing.assert_close(fp32.encode_images(px), cpu.encode_images(px), rtol=1e-4, atol=1e-4)
@@ -498,8 +523,10 @@ def test_openclip_hf_hub_spec_uses_the_repo_files(tiny_openclip, tiny_openclip_c
     cfg = dict(tiny_openclip_config)
     cfg.pop("name")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in tiny_openclip.model.state_dict().items()},
-              str(tmp_path / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in tiny_openclip.model.state_dict().items()},
+        str(tmp_path / "open_clip_model.safetensors"),
+    )
     asked = []
 
     def fake_download(repo, filename=None, revision=None, cache_dir=None):

@@ -27,7 +27,11 @@ def _installed_files(root) -> set[str]:
 def test_every_prompt_file_is_installed():
     if not REPO_PROMPTS.is_dir():
         pytest.skip("not running from a source checkout")
-    repo = {str(p.relative_to(REPO_PROMPTS)) for p in REPO_PROMPTS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    repo = {
+        str(p.relative_to(REPO_PROMPTS))
+        for p in REPO_PROMPTS.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     installed = _installed_files(resources.files("vlm_tta.prompts"))
     missing = sorted(repo - installed)
     assert not missing, f"prompt files missing from the installed package: {missing[:10]}"

@@ -14,8 +14,8 @@ from vlm_tta import views as V
 from vlm_tta.images import content_hash
 from vlm_tta.models.base import PreprocessConfig
 from vlm_tta.views import (
-    VIEWS_VERSION,
     AUGMIX_OPS,
+    VIEWS_VERSION,
     UnknownViewRecipeError,
     ViewRNG,
     ViewSet,
@@ -184,8 +184,9 @@ def test_view_rng_streams_are_keyed_and_independent():
     assert torch.equal(torch.rand(4, generator=a.torch), torch.rand(4, generator=b.torch))
     assert np.array_equal(a.numpy.random(4), b.numpy.random(4))
     c = ViewRNG.for_view(0, "abc", 2)
-    assert not torch.equal(torch.rand(4, generator=ViewRNG.for_view(0, "abc", 1).torch),
-                           torch.rand(4, generator=c.torch))
+    assert not torch.equal(
+        torch.rand(4, generator=ViewRNG.for_view(0, "abc", 1).torch), torch.rand(4, generator=c.torch)
+    )
 
 
 # ------------------------------------------------------------------------ shapes / normalisation
@@ -282,8 +283,15 @@ def test_each_augmix_op_runs_on_small_images(name, size):
 
 def test_augmix_has_the_nine_tpt_ops():
     assert list(AUGMIX_OPS) == [
-        "autocontrast", "equalize", "posterize", "rotate", "solarize",
-        "shear_x", "shear_y", "translate_x", "translate_y",
+        "autocontrast",
+        "equalize",
+        "posterize",
+        "rotate",
+        "solarize",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
     ]
 
 
@@ -315,7 +323,9 @@ def test_augmix_with_m_one_is_the_crop_view(monkeypatch):
     mixed = ViewSet("augmix", 6, seed=2).make(img, SMALL)
     assert torch.equal(crop[0], mixed[0])
     assert all(not torch.equal(crop[i], mixed[i]) for i in range(1, 6))
-    monkeypatch.setattr(V, "_sample_mixing", lambda rng, width: (np.full(width, 1 / width, np.float32), np.float32(1.0)))
+    monkeypatch.setattr(
+        V, "_sample_mixing", lambda rng, width: (np.full(width, 1 / width, np.float32), np.float32(1.0))
+    )
     assert torch.equal(ViewSet("augmix", 6, seed=2).make(img, SMALL), crop)
     crop_dmn = ViewSet("crop_flip_dmn", 6, seed=2).make(img, SMALL)
     assert torch.equal(ViewSet("augmix_dmn", 6, seed=2).make(img, SMALL), crop_dmn)
@@ -328,7 +338,9 @@ def test_augmix_blend_weights(monkeypatch):
     x_crop, x_black = V.to_normalized_tensor(crop, SMALL), V.to_normalized_tensor(black, SMALL)
     monkeypatch.setattr(V, "_sample_mixing", lambda rng, width: (np.array([0, 1, 0], np.float32), np.float32(0.0)))
     assert torch.equal(V.augmix(crop, SMALL, np.random.default_rng(0)), x_black)
-    monkeypatch.setattr(V, "_sample_mixing", lambda rng, width: (np.array([0.2, 0.3, 0.5], np.float32), np.float32(0.25)))
+    monkeypatch.setattr(
+        V, "_sample_mixing", lambda rng, width: (np.array([0.2, 0.3, 0.5], np.float32), np.float32(0.25))
+    )
     x = V.augmix(crop, SMALL, np.random.default_rng(0))
     assert torch.allclose(x, 0.25 * x_crop + 0.75 * x_black, atol=1e-5)
 
@@ -355,9 +367,14 @@ def test_one_pixel_image(recipe):
 
 def test_very_large_image_every_recipe():
     ramp = np.linspace(0, 255, 4000).astype(np.uint8)
-    arr = np.stack([np.broadcast_to(ramp[None, :], (3000, 4000)),
-                    np.broadcast_to(ramp[:3000, None], (3000, 4000)),
-                    np.full((3000, 4000), 77, np.uint8)], axis=-1)
+    arr = np.stack(
+        [
+            np.broadcast_to(ramp[None, :], (3000, 4000)),
+            np.broadcast_to(ramp[:3000, None], (3000, 4000)),
+            np.full((3000, 4000), 77, np.uint8),
+        ],
+        axis=-1,
+    )
     img = Image.fromarray(np.ascontiguousarray(arr))
     h = content_hash(img)
     for recipe in RANDOM_RECIPES:
@@ -391,7 +408,9 @@ def test_list_and_register_recipes(monkeypatch):
 
     @register_view_recipe("gray_test")
     def gray(image, cfg, rng):
-        return V.to_normalized_tensor(V.random_resized_crop_flip(image.convert("L").convert("RGB"), cfg, rng.torch), cfg)
+        return V.to_normalized_tensor(
+            V.random_resized_crop_flip(image.convert("L").convert("RGB"), cfg, rng.torch), cfg
+        )
 
     assert "gray_test" in list_view_recipes()
     x = ViewSet("gray_test", 3).make(photo(), SMALL)

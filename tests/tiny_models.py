@@ -85,12 +85,22 @@ def build_tiny_hf_clip(seed: int = 0):
     eos = vocab["<|endoftext|>"]
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos, pad_token_id=eos,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=eos,
+            pad_token_id=eos,
         ),
         vision_config=dict(
-            image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
             num_attention_heads=2,
         ),
         projection_dim=EMBED_DIM,
@@ -114,8 +124,17 @@ def train_tiny_sentencepiece(path: str | os.PathLike, vocab_size: int = 120) -> 
     sentences += ["the quick brown fox jumps over the lazy dog", "bird ship horse deer frog automobile"]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
         character_coverage=1.0,
     )
     path = Path(path)
@@ -132,11 +151,22 @@ def build_tiny_hf_siglip(workdir: str | os.PathLike, seed: int = 0):
     tokenizer = SiglipTokenizer(vocab_file=str(sp_path), model_max_length=64)
     config = SiglipConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=64, pad_token_id=1, eos_token_id=1, bos_token_id=None,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            eos_token_id=1,
+            bos_token_id=None,
         ),
         vision_config=dict(
-            image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
             num_attention_heads=2,
         ),
     )

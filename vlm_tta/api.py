@@ -11,9 +11,10 @@ import torch
 
 from .cache import EmbeddingCache, as_cache
 from .errors import FeatureError, ImageError
-from .images import ImageLike, content_hash, load_image
+from .images import content_hash, load_image
 from .methods import MethodContext, Prediction, create_method
 from .models.base import VisionLanguageModel, validate_classnames
+from .templates import template_set_id
 
 DEFAULT_MODEL = "ViT-B-16@openai"  # TPT's and most papers' backbone: CLIP ViT-B/16, OpenAI weights
 
@@ -70,7 +71,9 @@ class ClassificationResult:
         return f"ClassificationResult(method={self.method!r}, images={len(self)}, classes={len(self.classnames)})"
 
 
-def _collect(predictions: list[Prediction], classnames: list[str], method_name: str, info: dict) -> ClassificationResult:
+def _collect(
+    predictions: list[Prediction], classnames: list[str], method_name: str, info: dict
+) -> ClassificationResult:
     if predictions:
         logits = torch.stack([p.logits.float() for p in predictions]).numpy()
     else:
@@ -81,6 +84,9 @@ def _collect(predictions: list[Prediction], classnames: list[str], method_name: 
 
 
 def _as_image_list(images: Any) -> list:
+    paths = getattr(images, "paths", None)
+    if paths is not None and hasattr(images, "classnames"):  # a vlm_tta.data Dataset: its files, in index order
+        return list(paths)
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, Iterable):
         images = [images]
     elif isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:
@@ -90,8 +96,13 @@ def _as_image_list(images: Any) -> list:
     return list(images)
 
 
-def _image_name(src: Any, i: int) -> str:
-    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"image #{i}"
+def _load(src: Any, i: int):
+    """Decode image ``i`` of the input; errors name the file (or the position)."""
+    try:
+        return load_image(src)
+    except ImageError as exc:
+        name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"image #{i}"
+        raise ImageError(f"{name}: {exc}") from exc
 
 
 def resolve_model(model: str | VisionLanguageModel | None, device=None, pretrained="default") -> VisionLanguageModel:
@@ -149,7 +160,7 @@ def classify(
         >>> res.labels
         ['cat', 'dog']
     """
-    from .features import FeatureStore
+    from .features import FeatureStore, Sample
 
     method_obj = create_method(method, **method_options)  # validate options before loading anything
     names = validate_classnames(classnames, allow_duplicate_classnames)
@@ -161,30 +172,28 @@ def classify(
         from .views import default_num_workers
 
         num_workers = default_num_workers()
-    store = FeatureStore(vlm, as_cache(cache_dir if cache is True else cache), encode_batch_size=batch_size, num_workers=num_workers)
+    store = FeatureStore(
+        vlm, as_cache(cache_dir if cache is True else cache), encode_batch_size=batch_size, num_workers=num_workers
+    )
     class_features = store.class_features(names, templates, allow_duplicates=allow_duplicate_classnames)
     method_obj.setup(MethodContext(class_features, vlm.logit_scale, vlm.logit_bias, names, vlm))
-    if method_obj.needs_pixels:
-        raise NotImplementedError(f"method {method_obj.name!r} needs pixels; no pixel-level method exists yet")
-
     view_set = method_obj.view_set()
     predictions: list[Prediction] = []
-    chunks = range(0, len(sources), batch_size)
     show = progress if progress is not None else (len(sources) > 256 and _stderr_is_tty())
-    if show:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"{method_obj.name}", unit="chunk", total=len(chunks))
-    for start in chunks:
-        batch = []
-        for i, src in enumerate(sources[start : start + batch_size], start):
-            try:
-                batch.append(load_image(src))
-            except ImageError as exc:
-                raise ImageError(f"{_image_name(src, i)}: {exc}") from exc
-        feats = store.view_features(batch, view_set, hashes=[content_hash(b) for b in batch])
-        predictions.extend(method_obj.predict_batch(feats))
-    info = {"model": vlm.name, "templates": templates or "single", "view_set": repr(view_set)}
+    bar = _progress_bar(len(sources), method_obj.name) if show else None
+    for start in range(0, len(sources), batch_size):
+        batch = [_load(src, i) for i, src in enumerate(sources[start : start + batch_size], start)]
+        hashes = [content_hash(img) for img in batch]
+        if method_obj.needs_pixels:  # model-level methods: one image at a time, with its pixels
+            for i, (img, h) in enumerate(zip(batch, hashes), start):
+                predictions.append(method_obj.predict_sample(Sample(i, img, store, h)))
+        else:
+            predictions.extend(method_obj.predict_batch(store.view_features(batch, view_set, hashes=hashes)))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    info = {"model": vlm.name, "templates": template_set_id(templates), "view_set": repr(view_set)}
     return _collect(predictions, names, method_obj.name, info)
 
 
@@ -258,6 +267,12 @@ def _as_float_tensor(x: Any, what: str) -> torch.Tensor:
     if x.numel() and (x.norm(dim=-1) == 0).any():
         raise FeatureError(f"{what} contains an all-zero embedding, which has no direction")
     return x
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img")
 
 
 def _stderr_is_tty() -> bool:

@@ -295,8 +295,10 @@ def _error_class(exc: BaseException) -> str:
         return "corrupt"
     if any(s in msg for s in ("locked", "busy")):
         return "busy"
-    if any(s in msg for s in ("full", "readonly", "read-only", "unable to open", "permission", "disk i/o",
-                               "no space", "quota")):
+    if any(
+        s in msg
+        for s in ("full", "readonly", "read-only", "unable to open", "permission", "disk i/o", "no space", "quota")
+    ):
         return "unwritable"
     if isinstance(exc, OSError):
         return "unwritable"
@@ -628,9 +630,8 @@ class EmbeddingCache:
             try:
                 for start in range(0, len(wanted), QUERY_CHUNK):
                     chunk = wanted[start : start + QUERY_CHUNK]
-                    sql = (
-                        "SELECT key, dtype, shape, checksum, data FROM embeddings WHERE key IN (%s)"
-                        % ",".join("?" * len(chunk))
+                    sql = "SELECT key, dtype, shape, checksum, data FROM embeddings WHERE key IN (%s)" % ",".join(
+                        "?" * len(chunk)
                     )
                     for key, dtype, shape, checksum, data in conn.execute(sql, chunk):
                         arr, status = _decode(key, dtype, shape, checksum, data, self._storage)
@@ -981,8 +982,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if command == "clear":
         kind = getattr(args, "kind", None)
-        what = (f"{d['kinds'].get(kind, 0)} '{kind}' entries" if kind is not None
-                else f"{d['entries']} entries ({_human_bytes(d['bytes'])})")
+        what = (
+            f"{d['kinds'].get(kind, 0)} '{kind}' entries"
+            if kind is not None
+            else f"{d['entries']} entries ({_human_bytes(d['bytes'])})"
+        )
         if not d["exists"] and not any(p.exists() for p in cache._side_files()):
             print(f"nothing to clear: no cache database at {d['path']}")
             return 0
@@ -1001,8 +1005,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"vlm-tta: error: {exc}", file=sys.stderr)
             return 1
         kept = cache.db_path.exists() and kind is None
-        print(f"deleted {n} entries from {d['path']}"
-              + (" (the emptied database is kept: another process has it open)" if kept else ""))
+        print(
+            f"deleted {n} entries from {d['path']}"
+            + (" (the emptied database is kept: another process has it open)" if kept else "")
+        )
         return 0
     print(f"unknown cache command {command!r}; use info or clear", file=sys.stderr)  # pragma: no cover
     return 2

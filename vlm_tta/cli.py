@@ -1,10 +1,10 @@
 """The ``vlm-tta`` command: one verb per task.
 
-    vlm-tta classify IMG... --classes cat,dog [--method zeroshot] [--model ViT-B-16@openai] [--json]
-    vlm-tta methods                  list the registered methods and their options
-    vlm-tta templates                list the prompt template sets
-    vlm-tta cache info|clear         the shared embedding cache
-    vlm-tta datasets [check NAME --root DIR]
+vlm-tta classify IMG... --classes cat,dog [--method zeroshot] [--model ViT-B-16@openai] [--json]
+vlm-tta methods                  list the registered methods and their options
+vlm-tta templates                list the prompt template sets
+vlm-tta cache info|clear         the shared embedding cache
+vlm-tta datasets [check NAME --root DIR]
 """
 
 from __future__ import annotations
@@ -59,9 +59,7 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _cmd_classify(args) -> int:
-    from .api import classify
-
-    from .api import resolve_model
+    from .api import classify, resolve_model
     from .methods import create_method
 
     classes = _read_classes(args)
@@ -78,7 +76,7 @@ def _cmd_classify(args) -> int:
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
         cache=not args.no_cache,
-        progress=not args.json,
+        progress=None if not args.json else False,
         **options,
     )
     rows = result.to_rows(names=list(args.images), top_k=min(args.top_k, len(classes)))
@@ -134,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-file", help="file with one class name per line")
     p.add_argument("--method", default="zeroshot", help="method name (see `vlm-tta methods`)")
     p.add_argument("--model", default=None, help="model spec, e.g. ViT-B-16@openai or hf:/path/to/dir")
-    p.add_argument("--pretrained", default="default", help="pretrained tag or checkpoint path; 'none' for random weights")
+    p.add_argument(
+        "--pretrained", default="default", help="pretrained tag or checkpoint path; 'none' for random weights"
+    )
     p.add_argument("--templates", default=None, help="template set name, or a file with one template per line")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=64)

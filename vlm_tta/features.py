@@ -49,7 +49,9 @@ class FeatureStore:
         names = validate_classnames(classnames, allow_duplicates)
         temps = get_templates(templates)
         key = make_key("text", self.model.fingerprint, temps, names)
-        arr = self.cache.get_or_compute([key], lambda _missing: self.model.class_embeddings(names, temps, allow_duplicates)[None])
+        arr = self.cache.get_or_compute(
+            [key], lambda _missing: self.model.class_embeddings(names, temps, allow_duplicates)[None]
+        )
         return torch.from_numpy(np.ascontiguousarray(arr[0]))
 
     def view_features(
@@ -124,3 +126,30 @@ def encoder_call_counter(model: VisionLanguageModel) -> Callable[[], dict[str, i
     model._encode_images = images  # type: ignore[method-assign]
     model._encode_texts = texts  # type: ignore[method-assign]
     return lambda: dict(counts)
+
+
+class Sample:
+    """One test image as a model-level method sees it: its pixels, its views and their embeddings,
+    each made on first access (embeddings through the store's cache)."""
+
+    def __init__(self, index: int, image: Image.Image, store: FeatureStore, image_hash: str | None = None) -> None:
+        self.index = index
+        self.image = image
+        self.store = store
+        self.image_hash = image_hash or content_hash(image)
+
+    def views(self, view_set: ViewSet, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Model-ready pixels of the views (len(indices) x 3 x H x W; all views by default)."""
+        model = self.store.model
+        return view_set.make(
+            self.image,
+            model.preprocess_cfg,
+            indices=indices,
+            original=model.preprocess,
+            image_hash=self.image_hash,
+            num_workers=self.store.num_workers,
+        )
+
+    def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
+        """V x D embeddings of the views (read from the cache when present)."""
+        return self.store.view_features([self.image], view_set, normalize=normalize, hashes=[self.image_hash])[0]

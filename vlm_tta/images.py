@@ -79,9 +79,7 @@ def _array_to_rgb(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ImageError(
-            f"an image array must be HxW, HxWx3, HxWx4 or 3xHxW; got shape {tuple(arr.shape)}"
-        )
+        raise ImageError(f"an image array must be HxW, HxWx3, HxWx4 or 3xHxW; got shape {tuple(arr.shape)}")
     if arr.size == 0:
         raise ImageError(f"image array is empty (shape {tuple(arr.shape)})")
     if arr.dtype == np.bool_:

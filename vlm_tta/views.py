@@ -218,7 +218,9 @@ def _lut(cfg: PreprocessConfig) -> np.ndarray:
         if len(key[0]) != 3 or len(key[1]) != 3:
             raise ValueError(f"PreprocessConfig mean and std need 3 values (RGB); got {cfg.mean!r}, {cfg.std!r}")
         t = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255).repeat(3, 1)
-        t = t.sub_(torch.tensor(key[0], dtype=torch.float32).view(3, 1)).div_(torch.tensor(key[1], dtype=torch.float32).view(3, 1))
+        t = t.sub_(torch.tensor(key[0], dtype=torch.float32).view(3, 1)).div_(
+            torch.tensor(key[1], dtype=torch.float32).view(3, 1)
+        )
         lut = t.numpy()
         lut.setflags(write=False)
         _LUTS[key] = lut
@@ -269,7 +271,9 @@ def _center_crop_or_pad(img: Image.Image, out_hw: tuple[int, int], fill: int) ->
     return TF.crop(img, top, left, ch, cw)
 
 
-def _resize_keep_ratio(img: Image.Image, out_hw: tuple[int, int], longest: bool, interp: InterpolationMode) -> Image.Image:
+def _resize_keep_ratio(
+    img: Image.Image, out_hw: tuple[int, int], longest: bool, interp: InterpolationMode
+) -> Image.Image:
     """Scale so the shortest (or longest) side matches its target, keeping the aspect ratio
     (open_clip's ``ResizeKeepRatio`` without its random options; Python's round, sides >= 1)."""
     w, h = img.size
@@ -669,9 +673,15 @@ class ViewSet:
         (:func:`~vlm_tta.images.content_hash` of the image) saves hashing again when the caller
         has it. ``num_workers > 0`` spreads the views over that many threads.
         """
-        return make_views(self, [image], cfg, indices, original,
-                          image_hashes=None if image_hash is None else [image_hash],
-                          num_workers=num_workers)[0]
+        return make_views(
+            self,
+            [image],
+            cfg,
+            indices,
+            original,
+            image_hashes=None if image_hash is None else [image_hash],
+            num_workers=num_workers,
+        )[0]
 
     def make_batch(
         self,

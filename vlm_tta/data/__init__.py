@@ -16,9 +16,13 @@ Built-in datasets (``list_datasets()``): the ImageNet family (``imagenet``, ``im
 :class:`CsvDataset`, :class:`ImageDirDataset` (OOD), :class:`SplitJsonDataset`.
 """
 
-from . import imagenet as _imagenet  # noqa: F401  (registers readers, in listing order)
+# isort: off
+# Importing the readers registers them; the import order is the listing order of list_datasets().
+from . import imagenet as _imagenet  # noqa: F401
 from . import coop as _coop  # noqa: F401
 from . import ood as _ood  # noqa: F401
+
+# isort: on
 from .base import (
     IMAGE_EXTENSIONS,
     NOISY_LABEL,

@@ -280,7 +280,7 @@ class Dataset:
         if self.root is not None:
             prefix = self.root.rstrip(os.sep) + os.sep
             if p.startswith(prefix):
-                p = p[len(prefix):]
+                p = p[len(prefix) :]
             elif os.path.isabs(p):
                 p = os.path.relpath(p, self.root)
         return p.replace(os.sep, "/")
@@ -353,8 +353,15 @@ class Stream:
     with another sample's label. ``start`` resumes after ``start`` positions of the order.
     """
 
-    def __init__(self, dataset: Dataset, seed: Optional[int] = 0, *, start: int = 0,
-                 with_index: bool = False, skip_corrupt: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: Optional[int] = 0,
+        *,
+        start: int = 0,
+        with_index: bool = False,
+        skip_corrupt: bool = True,
+    ):
         self.dataset = dataset
         self.seed = seed
         self.order = dataset.order(seed)

@@ -29,8 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="datasets_command", metavar="{list,info,check}")
     p_list = sub.add_parser("list", help="list the built-in datasets (default)")
-    p_list.add_argument("--kind", choices=["classification", "ood"], default=None,
-                        help="only classification or only OOD sets")
+    p_list.add_argument(
+        "--kind", choices=["classification", "ood"], default=None, help="only classification or only OOD sets"
+    )
     p_info = sub.add_parser("info", help="show a dataset's facts and expected layout")
     p_info.add_argument("name", help="dataset name or alias, e.g. imagenet_a or A")
     p_check = sub.add_parser("check", help="verify a dataset folder and print counts against the expected ones")
@@ -57,15 +58,17 @@ def _list(kind: Optional[str], out: TextIO) -> int:
     for name in list_datasets(kind):
         r = get_reader(name)
         size = r.split_sizes.get("test")
-        rows.append([
-            name,
-            r.kind,
-            "-" if r.num_classes is None else str(r.num_classes),
-            "?" if size is None else f"{size:,}",
-            ",".join(r.splits),
-            r.folder,
-            ", ".join(r.aliases[:4]) + (" ..." if len(r.aliases) > 4 else ""),
-        ])
+        rows.append(
+            [
+                name,
+                r.kind,
+                "-" if r.num_classes is None else str(r.num_classes),
+                "?" if size is None else f"{size:,}",
+                ",".join(r.splits),
+                r.folder,
+                ", ".join(r.aliases[:4]) + (" ..." if len(r.aliases) > 4 else ""),
+            ]
+        )
     print(_table(rows, ["NAME", "KIND", "CLASSES", "TEST IMAGES", "SPLITS", "FOLDER", "ALIASES"]), file=out)
     print("\nCheck a folder with: vlm-tta datasets check NAME --root DIR", file=out)
     return 0

@@ -44,9 +44,7 @@ def read_split_json(
     names: dict[int, str] = {}
     if not split_file.is_file():
         scan.missing.append(str(split_file))
-        scan.problems.append(
-            f"split file {split_file} is missing (CoOp's DATASETS.md links every split_zhou_*.json)"
-        )
+        scan.problems.append(f"split file {split_file} is missing (CoOp's DATASETS.md links every split_zhou_*.json)")
         return names
     scan.files.append(split_file)
     try:
@@ -141,11 +139,19 @@ class _CoopReader(Reader):
             bool(self.image_subdir) and (cand / self.image_subdir).is_dir()
         )
 
-    def scan(self, base: Path, split: str, split_file: Optional[PathLike] = None,
-             image_dir: Optional[PathLike] = None, **kwargs) -> Scan:
+    def scan(
+        self,
+        base: Path,
+        split: str,
+        split_file: Optional[PathLike] = None,
+        image_dir: Optional[PathLike] = None,
+        **kwargs,
+    ) -> Scan:
         if kwargs:
             raise TypeError(f"{self.name}: unexpected options {sorted(kwargs)}")
-        img_dir = as_path(image_dir) if image_dir is not None else (base / self.image_subdir if self.image_subdir else base)
+        img_dir = (
+            as_path(image_dir) if image_dir is not None else (base / self.image_subdir if self.image_subdir else base)
+        )
         sf = as_path(split_file) if split_file is not None else base / self.split_filename
         scan = Scan(base=base, image_root=img_dir)
         json_names = read_split_json(sf, img_dir, split, self.num_classes, scan)
@@ -222,10 +228,22 @@ class EuroSAT(_CoopReader):
     name, title, folder = "eurosat", "EuroSAT", "eurosat"
     aliases = ("EuroSAT", "euro_sat")
     split_filename, image_subdir = "split_zhou_EuroSAT.json", "2750"
-    raw_names = dict(enumerate([
-        "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-        "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
-    ]))
+    raw_names = dict(
+        enumerate(
+            [
+                "AnnualCrop",
+                "Forest",
+                "HerbaceousVegetation",
+                "Highway",
+                "Industrial",
+                "Pasture",
+                "PermanentCrop",
+                "Residential",
+                "River",
+                "SeaLake",
+            ]
+        )
+    )
     split_sizes = {"test": 8_100}
     num_classes = 10
     classnames_stem = "eurosat"
@@ -436,11 +454,14 @@ class FGVCAircraft(Reader):
             )
         if escapes:
             scan.problems.append(
-                f"{split_file}: refused {len(escapes)} image id(s) pointing outside {image_dir}: {summarize(escapes, 3)}"
+                f"{split_file}: refused {len(escapes)} image id(s) pointing outside {image_dir}: "
+                f"{summarize(escapes, 3)}"
             )
         if missing:
             scan.missing.extend(missing)
-            scan.problems.append(f"{len(missing)} image(s) listed in {split_file} are missing in {image_dir}: {summarize(missing)}")
+            scan.problems.append(
+                f"{len(missing)} image(s) listed in {split_file} are missing in {image_dir}: {summarize(missing)}"
+            )
         scan.found_classes = len({y for _, y in scan.samples})
         return scan
 
@@ -453,13 +474,19 @@ class SplitJsonDataset(Dataset):
     spaces. Paths are relative to ``image_dir`` and may not point outside it.
     """
 
-    def __init__(self, split_file: PathLike, image_dir: PathLike, split: str = "test",
-                 classnames: Optional[Sequence[str] | PathLike] = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        split_file: PathLike,
+        image_dir: PathLike,
+        split: str = "test",
+        classnames: Optional[Sequence[str] | PathLike] = None,
+        name: Optional[str] = None,
+    ):
         sf, img = as_path(split_file), as_path(image_dir)
         scan = Scan(base=img, image_root=img)
         names = read_split_json(sf, img, split, None, scan)
         layout = (
-            "\n\nExpected: a JSON object {\"train\": [...], \"val\": [...], \"test\": [...]} whose lists hold "
+            '\n\nExpected: a JSON object {"train": [...], "val": [...], "test": [...]} whose lists hold '
             "[path relative to the image folder, integer label, class name]."
         )
         if scan.problems:
@@ -471,7 +498,8 @@ class SplitJsonDataset(Dataset):
             if set(names) != set(range(n)):
                 lacking = sorted(set(range(n)) - set(names))
                 raise DatasetError(
-                    f"{sf}: no class name for label(s) {summarize([str(x) for x in lacking])}; pass classnames=" + layout
+                    f"{sf}: no class name for label(s) {summarize([str(x) for x in lacking])}; pass classnames="
+                    + layout
                 )
             cn = [names[y].replace("_", " ") for y in range(n)]
         else:
@@ -480,5 +508,6 @@ class SplitJsonDataset(Dataset):
             cn = read_classnames(classnames)
             if len(cn) < n:
                 raise DatasetError(f"{sf} has labels up to {n - 1} but only {len(cn)} class names were given")
-        super().__init__(scan.samples, cn, name=name or sf.stem, split=split, root=img,
-                         meta={"split_file": os.fspath(sf)})
+        super().__init__(
+            scan.samples, cn, name=name or sf.stem, split=split, root=img, meta={"split_file": os.fspath(sf)}
+        )

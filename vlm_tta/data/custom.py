@@ -85,8 +85,13 @@ class ImageFolderDataset(Dataset):
                 raise DatasetError(
                     f"{len(names)} class names given for {len(folders)} class folders in {base}\n\n{FOLDER_LAYOUT}"
                 )
-        super().__init__(fs.samples, names, name=name or base.name, root=base,
-                         meta={"class_folders": folders, "skipped_files": fs.unexpected_files})
+        super().__init__(
+            fs.samples,
+            names,
+            name=name or base.name,
+            root=base,
+            meta={"class_folders": folders, "skipped_files": fs.unexpected_files},
+        )
 
 
 class ImageDirDataset(Dataset):
@@ -99,8 +104,13 @@ class ImageDirDataset(Dataset):
         images, others = scan_image_tree(base)
         if not images:
             raise DatasetError(f"no images found under {base} (looked for .jpg/.jpeg/.png/... files)")
-        super().__init__([(p, NOISY_LABEL) for p in images], [], name=name or base.name, root=base,
-                         meta={"ood": True, "skipped_files": others})
+        super().__init__(
+            [(p, NOISY_LABEL) for p in images],
+            [],
+            name=name or base.name,
+            root=base,
+            meta={"ood": True, "skipped_files": others},
+        )
 
 
 class CsvDataset(Dataset):
@@ -114,9 +124,15 @@ class CsvDataset(Dataset):
             Without it, labels must be names and the classes are their sorted unique values.
     """
 
-    def __init__(self, csv_path: PathLike, root: Optional[PathLike] = None,
-                 classnames: Optional[ClassNames] = None, name: Optional[str] = None,
-                 path_column: str = "path", label_column: str = "label"):
+    def __init__(
+        self,
+        csv_path: PathLike,
+        root: Optional[PathLike] = None,
+        classnames: Optional[ClassNames] = None,
+        name: Optional[str] = None,
+        path_column: str = "path",
+        label_column: str = "label",
+    ):
         p = as_path(csv_path)
         if not p.is_file():
             raise DatasetError(f"CSV file {p} does not exist\n\n{CSV_LAYOUT}")

@@ -71,9 +71,7 @@ class _WnidFolderReader(Reader):
         elif fs.loose_images:
             scan.notes.append(f"{fs.loose_images} images directly in {base} are ignored")
         if fs.missing:
-            scan.problems.append(
-                f"{len(fs.missing)} class folder(s) missing in {base}: {summarize(fs.missing)}"
-            )
+            scan.problems.append(f"{len(fs.missing)} class folder(s) missing in {base}: {summarize(fs.missing)}")
         if fs.unexpected_folders:
             scan.problems.append(
                 f"{len(fs.unexpected_folders)} unexpected folder(s) in {base} that are not classes "
@@ -82,9 +80,7 @@ class _WnidFolderReader(Reader):
         if fs.empty:
             scan.problems.append(f"class folder(s) with no images in {base}: {summarize(fs.empty)}")
         if fs.unexpected_files:
-            scan.notes.append(
-                f"{len(fs.unexpected_files)} non-image file(s) inside class folders were skipped"
-            )
+            scan.notes.append(f"{len(fs.unexpected_files)} non-image file(s) inside class folders were skipped")
 
 
 @register_dataset
@@ -113,8 +109,16 @@ class ImageNet(_WnidFolderReader):
     def candidates(self, split: str) -> list[str]:
         sub = "train" if split == "train" else "val"
         out = [""] if split != "train" else []
-        for prefix in ("", "images", "ImageNet", "imagenet", "imagenet/images", "ILSVRC2012",
-                       "imagenet_1k", "ILSVRC/Data/CLS-LOC"):
+        for prefix in (
+            "",
+            "images",
+            "ImageNet",
+            "imagenet",
+            "imagenet/images",
+            "ILSVRC2012",
+            "imagenet_1k",
+            "ILSVRC/Data/CLS-LOC",
+        ):
             out.append(f"{prefix}/{sub}" if prefix else sub)
         if split == "train":
             out.append("")
@@ -186,8 +190,15 @@ class ImageNetSketch(_WnidFolderReader):
     classnames_stem = "imagenet"
     templates = IMAGENET_TEMPLATES
     folder = "ImageNet-Sketch/sketch"
-    extra_folders = ("sketch", "imagenet-sketch/images", "ImageNet-Sketch/images", "imagenet-sketch/sketch",
-                     "imagenet-sketch", "ImageNet-Sketch", "imagenet_sketch")
+    extra_folders = (
+        "sketch",
+        "imagenet-sketch/images",
+        "ImageNet-Sketch/images",
+        "imagenet-sketch/sketch",
+        "imagenet-sketch",
+        "ImageNet-Sketch",
+        "imagenet_sketch",
+    )
 
 
 @register_dataset
@@ -210,9 +221,15 @@ class ImageNetV2(_WnidFolderReader):
     classnames_stem = "imagenet"
     templates = IMAGENET_TEMPLATES
     folder = "imagenetv2-matched-frequency-format-val"
-    extra_folders = ("imagenetv2/imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency",
-                     "imagenetv2/imagenetv2-matched-frequency", "imagenet-v2", "imagenetv2", "ImageNetV2",
-                     "imagenet_v2")
+    extra_folders = (
+        "imagenetv2/imagenetv2-matched-frequency-format-val",
+        "imagenetv2-matched-frequency",
+        "imagenetv2/imagenetv2-matched-frequency",
+        "imagenet-v2",
+        "imagenetv2",
+        "ImageNetV2",
+        "imagenet_v2",
+    )
 
     def looks_like(self, cand: Path, split: str) -> bool:
         try:

@@ -85,9 +85,7 @@ class CheckReport:
     def counts_match(self) -> bool:
         ok_img = self.expected_images is None or self.expected_images == self.found_images
         ok_cls = (
-            self.expected_classes is None
-            or self.found_classes is None
-            or self.expected_classes == self.found_classes
+            self.expected_classes is None or self.found_classes is None or self.expected_classes == self.found_classes
         )
         return ok_img and ok_cls
 
@@ -187,16 +185,12 @@ class Reader:
             tried.append(str(cand))
             if cand.is_dir() and self.looks_like(cand, split):
                 return cand
-        raise self.fail(
-            f"no {self.title or self.name} found under {root_p}; looked in: {summarize(tried, 8)}"
-        )
+        raise self.fail(f"no {self.title or self.name} found under {root_p}; looked in: {summarize(tried, 8)}")
 
     def check_split(self, split: str) -> str:
         s = (split or "test").lower()
         if s not in self.splits:
-            raise DatasetError(
-                f"{self.name} has no split {split!r}; available: {', '.join(self.splits)}"
-            )
+            raise DatasetError(f"{self.name} has no split {split!r}; available: {', '.join(self.splits)}")
         return s
 
     # -- reading ----------------------------------------------------------------------------------

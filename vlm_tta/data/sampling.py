@@ -148,8 +148,9 @@ def _from_subset_file(ds: Dataset, path: Path, kind: Optional[str], settings: Op
         _same_settings(path, obj, settings)
     _verify(path, "source", obj.get("dataset"), ds)
     indices = _check_indices(path, obj.get("indices"), len(ds), "indices")
-    return ds.select(indices, name=_subset_name(ds, obj),
-                     meta={"subset_file": str(path), "subset_indices": list(indices)})
+    return ds.select(
+        indices, name=_subset_name(ds, obj), meta={"subset_file": str(path), "subset_indices": list(indices)}
+    )
 
 
 def _subset_name(ds: Dataset, obj: dict) -> str:
@@ -177,8 +178,11 @@ def subset(dataset: Dataset, size: int, seed: int = 0, path: Optional[PathLike] 
     record = _subset_record(dataset, "random", settings, indices)
     if path is not None:
         write_json_atomic(path, record)
-    return dataset.select(indices, name=_subset_name(dataset, record),
-                          meta={"subset_file": str(path) if path else None, "subset_indices": indices})
+    return dataset.select(
+        indices,
+        name=_subset_name(dataset, record),
+        meta={"subset_file": str(path) if path else None, "subset_indices": indices},
+    )
 
 
 def few_shot(dataset: Dataset, shots: int, seed: int = 0, path: Optional[PathLike] = None) -> Dataset:
@@ -206,8 +210,11 @@ def few_shot(dataset: Dataset, shots: int, seed: int = 0, path: Optional[PathLik
     record = _subset_record(dataset, "few_shot", settings, chosen)
     if path is not None:
         write_json_atomic(path, record)
-    return dataset.select(chosen, name=_subset_name(dataset, record),
-                          meta={"subset_file": str(path) if path else None, "subset_indices": chosen})
+    return dataset.select(
+        chosen,
+        name=_subset_name(dataset, record),
+        meta={"subset_file": str(path) if path else None, "subset_indices": chosen},
+    )
 
 
 def load_subset(dataset: Dataset, path: PathLike) -> Dataset:

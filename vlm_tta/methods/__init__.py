@@ -1,5 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
+from . import zeroshot  # noqa: F401  (registers "zeroshot")
 from .base import (
     Method,
     MethodContext,
@@ -9,7 +10,6 @@ from .base import (
     list_methods,
     register_method,
 )
-from . import zeroshot  # noqa: F401  (registers "zeroshot")
 
 __all__ = [
     "Method",

@@ -15,6 +15,9 @@ a config dataclass of its paper's defaults::
 
 Feature-level methods implement :meth:`Method.predict_features` on L2-normalised view embeddings
 (V x D, view 0 = the original image); episodic ones may vectorise :meth:`Method.predict_batch`.
+Model-level methods (``needs_pixels = True``) implement :meth:`Method.predict_sample`, which gets a
+:class:`~vlm_tta.features.Sample` (lazy pixels, views and view embeddings) and the backbone as
+``self.ctx.model``.
 Online methods (``episodic = False``) keep state along the stream and are fed in stream order.
 """
 
@@ -23,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
 from ..errors import MethodOptionError, UnknownMethodError
 from ..views import ViewSet
+
+if TYPE_CHECKING:
+    from ..features import Sample
 
 
 @dataclass
@@ -100,6 +106,12 @@ class Method:
     def predict_features(self, features: torch.Tensor) -> Prediction:
         """Predict one image from its L2-normalised view embeddings (V x D, view 0 = original)."""
         raise NotImplementedError(f"method {self.name!r} does not run on embeddings; use classify() on images")
+
+    def predict_sample(self, sample: "Sample") -> Prediction:
+        """Predict one image given lazy access to its pixels, views and view embeddings
+        (:class:`vlm_tta.features.Sample`). Model-level methods override this; the default reads
+        the embeddings of :meth:`view_set` and calls :meth:`predict_features`."""
+        return self.predict_features(sample.view_features(self.view_set()))
 
     def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
         """Predict N images (N x V x D) in stream order. The default feeds them one by one, which

@@ -87,8 +87,15 @@ def load_model(
     if isinstance(spec, Mapping):
         from .openclip import load_openclip
 
-        return load_openclip(spec, pretrained, device=device, precision=precision, cache_dir=cache_dir,
-                             tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
+        return load_openclip(
+            spec,
+            pretrained,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            tokenizer=tokenizer,
+            preprocess_cfg=preprocess_cfg,
+        )
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelSpecError(
             f"a model spec is a string, a path or an open_clip config dict, not {type(spec).__name__}; "
@@ -102,8 +109,15 @@ def load_model(
             raise ModelSpecError("tokenizer= is for open_clip models; a transformers model uses its processor's")
         from .huggingface import load_hf
 
-        return load_hf(text, pretrained, device=device, precision=precision, trust_remote_code=trust_remote_code,
-                       cache_dir=cache_dir, preprocess_cfg=preprocess_cfg)
+        return load_hf(
+            text,
+            pretrained,
+            device=device,
+            precision=precision,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            preprocess_cfg=preprocess_cfg,
+        )
     path = os.path.expanduser(text)
     if (
         not text.startswith(("open_clip:", "hf-hub:", "local-dir:"))
@@ -113,12 +127,26 @@ def load_model(
     ):
         from .huggingface import load_hf  # a transformers directory given without the hf: prefix
 
-        return load_hf(path, pretrained, device=device, precision=precision, trust_remote_code=trust_remote_code,
-                       cache_dir=cache_dir, preprocess_cfg=preprocess_cfg)
+        return load_hf(
+            path,
+            pretrained,
+            device=device,
+            precision=precision,
+            trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir,
+            preprocess_cfg=preprocess_cfg,
+        )
     from .openclip import load_openclip
 
-    return load_openclip(spec, pretrained, device=device, precision=precision, cache_dir=cache_dir,
-                         tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
+    return load_openclip(
+        spec,
+        pretrained,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+        preprocess_cfg=preprocess_cfg,
+    )
 
 
 def from_open_clip(model, preprocess, tokenizer, name: str | None = None, device=None, precision: str | None = None):

@@ -11,7 +11,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -209,7 +209,10 @@ class VisionLanguageModel(ABC):
         return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
 
     def class_embeddings(
-        self, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",), allow_duplicates: bool = False
+        self,
+        classnames: Sequence[str],
+        templates: Sequence[str] = ("a photo of a {}.",),
+        allow_duplicates: bool = False,
     ) -> torch.Tensor:
         """C x D class embeddings: each template's text embedding is L2-normalised, the templates are
         averaged per class, and the mean is re-normalised (CLIP's prompt ensembling, Radford et al. 2021)."""

@@ -28,7 +28,8 @@ SUPPORTED_MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _LOCAL_DIR_HINT = (
     "a local directory with config.json, model.safetensors and the processor files "
-    "(preprocessor_config.json or processor_config.json, plus the tokenizer files, e.g. tokenizer.json / vocab.json+merges.txt for CLIP or "
+    "(preprocessor_config.json or processor_config.json, plus the tokenizer files, e.g. tokenizer.json / "
+    "vocab.json+merges.txt for CLIP or "
     "spiece.model for SigLIP), as written by model.save_pretrained(DIR) and processor.save_pretrained(DIR) "
     "or `huggingface-cli download <id> --local-dir DIR`; then pass 'hf:/path/to/DIR'"
 )
@@ -138,8 +139,15 @@ class HFModel(TorchBackbone):
     ``tokenizer`` are its two halves).
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, *, name: str | None = None, device=None,
-                 precision: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        *,
+        name: str | None = None,
+        device=None,
+        precision: str | None = None,
+    ):
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -176,8 +184,9 @@ class HFModel(TorchBackbone):
         """The model's text inputs (``input_ids`` and, for CLIP, ``attention_mask``) on ``device``."""
         texts = list(texts)
         if self.kind == "siglip":
-            enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             return {"input_ids": enc["input_ids"].to(self.device)}
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         out = {"input_ids": enc["input_ids"].to(self.device)}
@@ -196,8 +205,9 @@ class HFModel(TorchBackbone):
         return _features(self.model.get_text_features(**self.tokenize(texts)))
 
 
-def from_hf(model: torch.nn.Module, processor: Any, name: str | None = None, device=None,
-            precision: str | None = None) -> HFModel:
+def from_hf(
+    model: torch.nn.Module, processor: Any, name: str | None = None, device=None, precision: str | None = None
+) -> HFModel:
     """Wrap a transformers ``CLIPModel``/``SiglipModel`` and its processor already in memory.
 
     The model is switched to eval mode with gradients off and kept in fp32 on ``device`` (default:
@@ -260,7 +270,9 @@ def load_hf(
     try:
         config = transformers.AutoConfig.from_pretrained(source, **common)
     except Exception as err:
-        raise ModelSpecError(f"{offline} (config: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}") from err
+        raise ModelSpecError(
+            f"{offline} (config: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+        ) from err
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelSpecError(
@@ -272,7 +284,10 @@ def load_hf(
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, **common)
     except Exception as err:
-        raise ModelSpecError(f"{offline} (processor/tokenizer: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}") from err
+        raise ModelSpecError(
+            f"{offline} (processor/tokenizer: {_short(err)}). "
+            f"If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+        ) from err
     _apply_preprocess_overrides(getattr(processor, "image_processor", processor), preprocess_cfg)
     if pretrained is None:
         model = model_cls(config)
@@ -286,9 +301,12 @@ def load_hf(
                 raise ModelSpecError(f"{source} has no weights (model.safetensors). Pass {_LOCAL_DIR_HINT}")
             use_safetensors = True if has_st else None
         try:
-            model = model_cls.from_pretrained(source, config=config, use_safetensors=use_safetensors,
-                                              weights_only=True, dtype=torch.float32, **common)
+            model = model_cls.from_pretrained(
+                source, config=config, use_safetensors=use_safetensors, weights_only=True, dtype=torch.float32, **common
+            )
         except Exception as err:
-            raise ModelSpecError(f"{offline} (weights: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}") from err
+            raise ModelSpecError(
+                f"{offline} (weights: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+            ) from err
         label = f"hf:{source}"
     return HFModel(model, processor, name=label, device=device, precision=precision)

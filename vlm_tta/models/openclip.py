@@ -73,8 +73,9 @@ def _interp_name(mode) -> str:
 
 def _model_preprocess_dict(model: torch.nn.Module) -> dict:
     """The model's preprocessing cfg (open_clip stores it on ``model.visual``), filled with defaults."""
-    import open_clip
     from dataclasses import asdict
+
+    import open_clip
 
     cfg = asdict(open_clip.transform.PreprocessCfg())
     visual = getattr(model, "visual", model)
@@ -180,7 +181,8 @@ class OpenClipModel(TorchBackbone):
         base_cfg = _model_preprocess_dict(model)
         if preprocess is None:
             preprocess = open_clip.transform.image_transform_v2(
-                open_clip.transform.PreprocessCfg(**{k: base_cfg[k] for k in _PREPROCESS_KEYS if k in base_cfg}), is_train=False
+                open_clip.transform.PreprocessCfg(**{k: base_cfg[k] for k in _PREPROCESS_KEYS if k in base_cfg}),
+                is_train=False,
             )
             self.preprocess_cfg = _config_from_dict(base_cfg)
         else:
@@ -308,8 +310,7 @@ def _download(name: str, tag: str, tag_cfg: Mapping, cache_dir, tokenizer_name: 
     except Exception as err:  # any network / hub / offline error
         raise ModelSpecError(
             f"the weights of open_clip model {name!r} (pretrained tag {tag!r}) are not available offline and "
-            f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            + hint
+            f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). " + hint
         ) from err
     if not path or not os.path.isfile(path):
         raise ModelSpecError(f"open_clip returned no weights file for {name!r}/{tag!r}. " + hint)
@@ -336,8 +337,16 @@ def _load_checkpoint(model: torch.nn.Module, path: str, what: str) -> None:
         ) from err
 
 
-def _build_tokenizer(tokenizer, text_cfg: Mapping, context_length: int, *, builtin_name: str | None,
-                     local_dir: Path | None, cache_dir, what: str):
+def _build_tokenizer(
+    tokenizer,
+    text_cfg: Mapping,
+    context_length: int,
+    *,
+    builtin_name: str | None,
+    local_dir: Path | None,
+    cache_dir,
+    what: str,
+):
     """The tokenizer: the user's object or directory, open_clip's for a built-in name, or the one a
     custom config asks for (``text_cfg.hf_tokenizer_name``, else open_clip's SimpleTokenizer)."""
     import open_clip
@@ -351,8 +360,9 @@ def _build_tokenizer(tokenizer, text_cfg: Mapping, context_length: int, *, built
         if not source.is_dir():
             raise ModelSpecError(f"tokenizer directory not found: {source}")
         try:
-            return HFTokenizer(str(source), context_length=context_length,
-                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+            return HFTokenizer(
+                str(source), context_length=context_length, tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs
+            )
         except Exception as err:
             raise ModelSpecError(
                 f"could not read a Hugging Face tokenizer from {source} ({type(err).__name__}: {err}); the directory "
@@ -366,8 +376,13 @@ def _build_tokenizer(tokenizer, text_cfg: Mapping, context_length: int, *, built
             source = hf_name
             if local_dir is not None and any((local_dir / f).is_file() for f in _TOKENIZER_FILES):
                 source = str(local_dir)
-            return HFTokenizer(source, context_length=context_length, cache_dir=cache_dir,
-                               tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+            return HFTokenizer(
+                source,
+                context_length=context_length,
+                cache_dir=cache_dir,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **kwargs,
+            )
         return SimpleTokenizer(context_length=context_length, **kwargs)
     except Exception as err:
         raise ModelSpecError(
@@ -397,12 +412,26 @@ def _split_custom_config(cfg: Mapping) -> tuple[dict, dict, str | None]:
     return model_cfg, preprocess, name
 
 
-def _load_custom(cfg: Mapping, *, pretrained, default_checkpoint: str | None, local_dir: Path | None,
-                 source: str, device, precision, cache_dir, tokenizer, preprocess_cfg) -> OpenClipModel:
+def _load_custom(
+    cfg: Mapping,
+    *,
+    pretrained,
+    default_checkpoint: str | None,
+    local_dir: Path | None,
+    source: str,
+    device,
+    precision,
+    cache_dir,
+    tokenizer,
+    preprocess_cfg,
+) -> OpenClipModel:
     import open_clip
 
     model_cfg, file_preprocess, cfg_name = _split_custom_config(cfg)
-    name = cfg_name or f"custom-{hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
+    name = (
+        cfg_name
+        or f"custom-{hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
+    )
     what = f"open_clip config {name!r} ({source})"
     if pretrained == "default":
         if default_checkpoint is None:
@@ -416,17 +445,29 @@ def _load_custom(cfg: Mapping, *, pretrained, default_checkpoint: str | None, lo
     else:
         checkpoint = _checkpoint_path(pretrained, what)
     text_cfg = model_cfg.get("text_cfg", {}) or {}
-    tok = _build_tokenizer(tokenizer, text_cfg, int(text_cfg.get("context_length", 77)), builtin_name=None,
-                           local_dir=local_dir, cache_dir=cache_dir, what=what)
+    tok = _build_tokenizer(
+        tokenizer,
+        text_cfg,
+        int(text_cfg.get("context_length", 77)),
+        builtin_name=None,
+        local_dir=local_dir,
+        cache_dir=cache_dir,
+        what=what,
+    )
     with tempfile.TemporaryDirectory(prefix="vlm_tta_openclip_") as tmp:
         with open(os.path.join(tmp, _CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"model_cfg": model_cfg, "preprocess_cfg": file_preprocess}, f)
         try:
             with _quiet_open_clip():
                 model = open_clip.create_model(
-                    f"local-dir:{tmp}", device="cpu", precision="fp32", pretrained_image=False,
-                    pretrained_text=False, force_preprocess_cfg=_preprocess_overrides(preprocess_cfg),
-                    cache_dir=cache_dir, weights_only=True,
+                    f"local-dir:{tmp}",
+                    device="cpu",
+                    precision="fp32",
+                    pretrained_image=False,
+                    pretrained_text=False,
+                    force_preprocess_cfg=_preprocess_overrides(preprocess_cfg),
+                    cache_dir=cache_dir,
+                    weights_only=True,
                 )
         except ModelSpecError:
             raise
@@ -461,8 +502,15 @@ def _load_hf_hub(repo: str, *, pretrained, cache_dir, **kw) -> OpenClipModel:
         ) from err
     cfg = dict(cfg)
     cfg.setdefault("name", f"hf-hub:{repo}")
-    return _load_custom(cfg, pretrained=checkpoint if pretrained == "default" else pretrained,
-                        default_checkpoint=None, local_dir=None, source=f"hf-hub:{repo}", cache_dir=cache_dir, **kw)
+    return _load_custom(
+        cfg,
+        pretrained=checkpoint if pretrained == "default" else pretrained,
+        default_checkpoint=None,
+        local_dir=None,
+        source=f"hf-hub:{repo}",
+        cache_dir=cache_dir,
+        **kw,
+    )
 
 
 def _load_dir(path: Path, *, pretrained, **kw) -> OpenClipModel:
@@ -474,8 +522,14 @@ def _load_dir(path: Path, *, pretrained, **kw) -> OpenClipModel:
 
     with open(config_file, encoding="utf-8") as f:
         cfg = json.load(f)
-    return _load_custom(cfg, pretrained=pretrained, default_checkpoint=ocf._find_checkpoint_in_dir(path),
-                        local_dir=path, source=str(path), **kw)
+    return _load_custom(
+        cfg,
+        pretrained=pretrained,
+        default_checkpoint=ocf._find_checkpoint_in_dir(path),
+        local_dir=path,
+        source=str(path),
+        **kw,
+    )
 
 
 def load_openclip(
@@ -490,18 +544,20 @@ def load_openclip(
     """Load an open_clip backbone; see :func:`vlm_tta.models.load_model` for the spec grammar."""
     import open_clip
 
-    kw = dict(device=device, precision=precision, cache_dir=cache_dir, tokenizer=tokenizer,
-              preprocess_cfg=preprocess_cfg)
+    kw = dict(
+        device=device, precision=precision, cache_dir=cache_dir, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg
+    )
     if isinstance(spec, Mapping):
-        return _load_custom(spec, pretrained=pretrained, default_checkpoint=None, local_dir=None,
-                            source="config dict", **kw)
+        return _load_custom(
+            spec, pretrained=pretrained, default_checkpoint=None, local_dir=None, source="config dict", **kw
+        )
     spec = os.fspath(spec)
     if spec.startswith("open_clip:"):
-        spec = spec[len("open_clip:"):]
+        spec = spec[len("open_clip:") :]
     if spec.startswith("hf-hub:"):
-        return _load_hf_hub(spec[len("hf-hub:"):], pretrained=pretrained, **kw)
+        return _load_hf_hub(spec[len("hf-hub:") :], pretrained=pretrained, **kw)
     if spec.startswith("local-dir:"):
-        return _load_dir(Path(os.path.expanduser(spec[len("local-dir:"):])), pretrained=pretrained, **kw)
+        return _load_dir(Path(os.path.expanduser(spec[len("local-dir:") :])), pretrained=pretrained, **kw)
     if spec.lower().endswith(".json"):
         path = Path(os.path.expanduser(spec))
         if not path.is_file():
@@ -513,8 +569,9 @@ def load_openclip(
             raise ModelSpecError(f"could not read open_clip model config {path}: {err}") from err
         cfg = dict(cfg)
         cfg.setdefault("name", path.stem)
-        return _load_custom(cfg, pretrained=pretrained, default_checkpoint=None, local_dir=path.parent,
-                            source=str(path), **kw)
+        return _load_custom(
+            cfg, pretrained=pretrained, default_checkpoint=None, local_dir=path.parent, source=str(path), **kw
+        )
 
     name, _, at_tag = spec.partition("@")
     name = name.strip().replace("/", "-")
@@ -534,8 +591,9 @@ def load_openclip(
     return _load_named(name, at_tag, pretrained=pretrained, **kw)
 
 
-def _load_named(name: str, at_tag: str | None, *, pretrained, device, precision, cache_dir, tokenizer,
-                preprocess_cfg) -> OpenClipModel:
+def _load_named(
+    name: str, at_tag: str | None, *, pretrained, device, precision, cache_dir, tokenizer, preprocess_cfg
+) -> OpenClipModel:
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -578,18 +636,37 @@ def _load_named(name: str, at_tag: str | None, *, pretrained, device, precision,
     tag_cfg = dict(open_clip.get_pretrained_cfg(name, cfg_tag) or {}) if cfg_tag else {}
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {}) or {}
     if download:
-        checkpoint = _download(name, tag, tag_cfg, cache_dir, tokenizer_name=None if tokenizer is not None
-                               else text_cfg.get("hf_tokenizer_name"))
-    tok = _build_tokenizer(tokenizer, text_cfg, int(text_cfg.get("context_length", 77)), builtin_name=name,
-                           local_dir=None, cache_dir=cache_dir, what=f"open_clip model {name!r}")
+        checkpoint = _download(
+            name,
+            tag,
+            tag_cfg,
+            cache_dir,
+            tokenizer_name=None if tokenizer is not None else text_cfg.get("hf_tokenizer_name"),
+        )
+    tok = _build_tokenizer(
+        tokenizer,
+        text_cfg,
+        int(text_cfg.get("context_length", 77)),
+        builtin_name=name,
+        local_dir=None,
+        cache_dir=cache_dir,
+        what=f"open_clip model {name!r}",
+    )
     overlay = {k: v for k, v in tag_cfg.items() if k in _PREPROCESS_KEYS and k != "size" and v is not None}
     overlay.update(_preprocess_overrides(preprocess_cfg))
     quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and (tag is not None)
     try:
         with _quiet_open_clip():
             model = open_clip.create_model(
-                name, pretrained=None, device="cpu", precision="fp32", force_quick_gelu=quick_gelu,
-                force_preprocess_cfg=overlay, pretrained_image=False, pretrained_text=False, cache_dir=cache_dir,
+                name,
+                pretrained=None,
+                device="cpu",
+                precision="fp32",
+                force_quick_gelu=quick_gelu,
+                force_preprocess_cfg=overlay,
+                pretrained_image=False,
+                pretrained_text=False,
+                cache_dir=cache_dir,
                 weights_only=True,
             )
     except Exception as err:
