@@ -283,3 +283,40 @@ def test_a_dataset_can_be_classified_directly(tiny_openclip, tmp_path):
     direct = vlm_tta.classify(ds.paths, ds.classnames, model=tiny_openclip, cache=False)
     assert len(res) == len(ds) == 6
     np.testing.assert_array_equal(res.logits, direct.logits)
+
+
+def test_warm_runs_do_not_decode_image_files(tiny_openclip, tmp_path, monkeypatch):
+    import vlm_tta.features as features
+
+    paths = []
+    for i, img in enumerate(_images(4)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    decoded = []
+    real = features.load_image
+    monkeypatch.setattr(features, "load_image", lambda src: decoded.append(src) or real(src))
+    cold = vlm_tta.classify(paths, CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")
+    assert len(decoded) == 4
+    warm = vlm_tta.classify(paths, CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")
+    assert len(decoded) == 4, "a warm run must not decode image files"
+    np.testing.assert_array_equal(cold.logits, warm.logits)
+    # views not cached yet: only then is the file decoded, and the embeddings match a cold store
+    store = FeatureStore(tiny_openclip, EmbeddingCache(tmp_path / "c"))
+    lazy = store.open_images(paths[:1])
+    assert len(decoded) == 4
+    feats = store.view_features(lazy, ViewSet("crop_flip", 3))
+    assert len(decoded) == 5
+    fresh = FeatureStore(tiny_openclip).view_features([Image.open(paths[0]).convert("RGB")], ViewSet("crop_flip", 3))
+    torch.testing.assert_close(feats, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rewritten_file_is_read_again(tiny_openclip, tmp_path):
+    path = tmp_path / "x.png"
+    a, b = _images(2, seed=5)
+    a.save(path)
+    first = vlm_tta.classify([str(path)], CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")
+    b.save(path)  # same path, same size on disk, other bytes
+    second = vlm_tta.classify([str(path)], CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")
+    expected = vlm_tta.classify([b], CLASSES, model=tiny_openclip, cache=False)
+    np.testing.assert_allclose(second.logits, expected.logits, rtol=1e-6)
+    assert not np.allclose(first.logits, second.logits)

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, as_cache
-from .errors import FeatureError, ImageError
-from .images import content_hash, load_image
+from .errors import FeatureError
 from .methods import MethodContext, Prediction, create_method
 from .models.base import VisionLanguageModel, validate_classnames
 from .templates import template_set_id
@@ -96,13 +95,8 @@ def _as_image_list(images: Any) -> list:
     return list(images)
 
 
-def _load(src: Any, i: int):
-    """Decode image ``i`` of the input; errors name the file (or the position)."""
-    try:
-        return load_image(src)
-    except ImageError as exc:
-        name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"image #{i}"
-        raise ImageError(f"{name}: {exc}") from exc
+def _source_name(src: Any, i: int) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"image #{i}"
 
 
 def resolve_model(model: str | VisionLanguageModel | None, device=None, pretrained="default") -> VisionLanguageModel:
@@ -182,15 +176,14 @@ def classify(
     show = progress if progress is not None else (len(sources) > 256 and _stderr_is_tty())
     bar = _progress_bar(len(sources), method_obj.name) if show else None
     for start in range(0, len(sources), batch_size):
-        batch = [_load(src, i) for i, src in enumerate(sources[start : start + batch_size], start)]
-        hashes = [content_hash(img) for img in batch]
+        chunk = sources[start : start + batch_size]
+        images = store.open_images(chunk, [_source_name(src, i) for i, src in enumerate(chunk, start)])
         if method_obj.needs_pixels:  # model-level methods: one image at a time, with its pixels
-            for i, (img, h) in enumerate(zip(batch, hashes), start):
-                predictions.append(method_obj.predict_sample(Sample(i, img, store, h)))
+            predictions.extend(method_obj.predict_sample(Sample(i, img, store)) for i, img in enumerate(images, start))
         else:
-            predictions.extend(method_obj.predict_batch(store.view_features(batch, view_set, hashes=hashes)))
+            predictions.extend(method_obj.predict_batch(store.view_features(images, view_set)))
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     info = {"model": vlm.name, "templates": template_set_id(templates), "view_set": repr(view_set)}

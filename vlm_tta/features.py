@@ -9,21 +9,69 @@ This is the only place that runs the encoders for the methods. Keys (see :mod:`v
 
 The cache stores raw (un-normalised) image embeddings, as SubTTA needs them; callers get them
 L2-normalised unless they ask otherwise.
+
+Images are addressed by the hash of their decoded pixels. To find that hash without decoding a file
+again, the cache also remembers ``("file", SHA-256 of the file's bytes)`` -> pixel hash: on a warm
+run an image file is read and hashed (about a tenth of a millisecond for a JPEG) but decoded only if
+some of its views are not cached.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import hashlib
+import os
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .cache import EmbeddingCache, make_key
-from .images import content_hash
+from .errors import ImageError
+from .images import content_hash, load_image
 from .models.base import VisionLanguageModel, validate_classnames
 from .templates import get_templates
 from .views import ViewSet
+
+
+class LazyImage:
+    """An image decoded on first use (``.get()``), with its content hash known up front."""
+
+    def __init__(self, load: Callable[[], Image.Image], content_hash: str) -> None:
+        self._load = load
+        self._image: Image.Image | None = None
+        self.content_hash = content_hash
+
+    def get(self) -> Image.Image:
+        if self._image is None:
+            self._image = self._load()
+        return self._image
+
+
+def _pixels(image: Image.Image | LazyImage) -> Image.Image:
+    return image.get() if isinstance(image, LazyImage) else image
+
+
+def _load(src: Any, name: str) -> Image.Image:
+    try:
+        return load_image(src)
+    except ImageError as exc:
+        raise ImageError(f"{name}: {exc}") from exc
+
+
+def _file_key(src: Any) -> str | None:
+    """The cache key of an image file's bytes (SHA-256), or None when ``src`` is not a readable file."""
+    if not isinstance(src, (str, os.PathLike)):
+        return None
+    try:
+        with open(src, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else None
+            if digest is None:  # Python 3.10
+                f.seek(0)
+                digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    return make_key("file", digest)
 
 
 class FeatureStore:
@@ -54,21 +102,48 @@ class FeatureStore:
         )
         return torch.from_numpy(np.ascontiguousarray(arr[0]))
 
+    def open_images(self, sources: Sequence[Any], names: Sequence[str] | None = None) -> list[LazyImage]:
+        """Lazy images with their content hashes, for paths, PIL images, arrays or tensors.
+
+        Files whose identity the cache has seen are not decoded here (their hash is read back);
+        everything else is decoded once, hashed and kept decoded. Decoding errors are
+        :class:`~vlm_tta.errors.ImageError` prefixed with the source's name (``names[i]``).
+        """
+        names = list(names) if names is not None else [f"image #{i}" for i in range(len(sources))]
+        file_keys = [_file_key(src) for src in sources]
+        known = self.cache.get_many([k for k in file_keys if k is not None])
+        out: list[LazyImage] = []
+        new_files: list[tuple[str, np.ndarray]] = []
+        for src, name, fkey in zip(sources, names, file_keys):
+            if fkey is not None and fkey in known:
+                out.append(LazyImage(lambda src=src, name=name: _load(src, name), known[fkey].tobytes().hex()))
+                continue
+            image = _load(src, name)
+            lazy = LazyImage(lambda image=image: image, content_hash(image))
+            lazy.get()
+            out.append(lazy)
+            if fkey is not None:
+                new_files.append((fkey, np.frombuffer(bytes.fromhex(lazy.content_hash), dtype=np.uint8)))
+        if new_files:
+            self.cache.put_many(new_files)
+        return out
+
     def view_features(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | LazyImage],
         view_set: ViewSet,
         normalize: bool = True,
         hashes: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """N x V x D embeddings of the views of RGB ``images`` (V = ``view_set.n_views``).
+        """N x V x D embeddings of the views of RGB ``images`` (PIL or :class:`LazyImage`;
+        V = ``view_set.n_views``).
 
         Only views missing from the cache are generated and encoded, in batches of
-        ``encode_batch_size``.
+        ``encode_batch_size``; a lazy image is decoded only if some of its views are missing.
         """
         n, v = len(images), view_set.n_views
         if hashes is None:
-            hashes = [content_hash(img) for img in images]
+            hashes = [img.content_hash if isinstance(img, LazyImage) else content_hash(img) for img in images]
         fp = self.model.fingerprint
         keys = [make_key("view", fp, h, *view_set.key_parts(j)) for h in hashes for j in range(v)]
 
@@ -91,7 +166,7 @@ class FeatureStore:
 
             for i, view_ids in by_image.items():
                 pixels = view_set.make(
-                    images[i],
+                    _pixels(images[i]),
                     self.model.preprocess_cfg,
                     indices=view_ids,
                     original=self.model.preprocess,
@@ -132,11 +207,16 @@ class Sample:
     """One test image as a model-level method sees it: its pixels, its views and their embeddings,
     each made on first access (embeddings through the store's cache)."""
 
-    def __init__(self, index: int, image: Image.Image, store: FeatureStore, image_hash: str | None = None) -> None:
+    def __init__(self, index: int, image: Image.Image | LazyImage, store: FeatureStore) -> None:
         self.index = index
-        self.image = image
+        self._image = image
         self.store = store
-        self.image_hash = image_hash or content_hash(image)
+        self.image_hash = image.content_hash if isinstance(image, LazyImage) else content_hash(image)
+
+    @property
+    def image(self) -> Image.Image:
+        """The RGB pixels (decoded on first access)."""
+        return _pixels(self._image)
 
     def views(self, view_set: ViewSet, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Model-ready pixels of the views (len(indices) x 3 x H x W; all views by default)."""
@@ -152,4 +232,4 @@ class Sample:
 
     def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
         """V x D embeddings of the views (read from the cache when present)."""
-        return self.store.view_features([self.image], view_set, normalize=normalize, hashes=[self.image_hash])[0]
+        return self.store.view_features([self._image], view_set, normalize=normalize, hashes=[self.image_hash])[0]
