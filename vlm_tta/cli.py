@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -171,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlmTtaError as exc:
         print(f"vlm-tta: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `vlm-tta cache info --json | head -1`
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
