@@ -217,3 +217,19 @@ def test_eurosat_split_with_raw_folder_names_is_accepted_silently(tmp_path):
         warnings.simplefilter("error", DatasetWarning)
         ds = D.get_dataset("eurosat", tmp_path)
     assert ds.classnames[9] == "Sea or Lake"
+
+
+def test_food101_tpt_class_names_are_a_named_option(tmp_path):
+    make_coop(tmp_path, "food101", [16, 17], per_class=1)
+    ds = D.get_dataset("food101", tmp_path)
+    assert ds.classnames[16:18] == ["cheese plate", "cheesecake"]
+    tpt = D.get_dataset("food101", tmp_path, classnames="food101_tpt")
+    assert tpt.classnames[16:18] == ["cheesecake", "cheese plate"]
+    assert tpt.classnames[:16] == ds.classnames[:16] and tpt.classnames[18:] == ds.classnames[18:]
+    assert tpt.labels.tolist() == ds.labels.tolist()  # labels still come from the split file
+    custom = D.get_dataset("food101", tmp_path, classnames=[f"c{i}" for i in range(101)])
+    assert custom.classnames[16] == "c16"
+    with pytest.raises(DatasetError, match="3 class names given for 101"):
+        D.get_dataset("food101", tmp_path, classnames=["a", "b", "c"])
+    with pytest.raises(DatasetError, match="no shipped class-name list"):
+        D.get_dataset("food101", tmp_path, classnames="food101_nope")

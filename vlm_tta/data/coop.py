@@ -279,6 +279,9 @@ class Food101(_CoopReader):
         images/apple_pie/1005649.jpg ...
         split_zhou_Food101.json
     Labels follow the sorted folder names (so "cheese plate" is 16 and "cheesecake" 17).
+    TPT's code (``data/cls_to_names.py``) names these two labels the other way round, which makes
+    both classes unrecognisable there; ``get_dataset("food101", root, classnames="food101_tpt")``
+    reproduces that list for comparisons with TPT's code.
     """
 
     name, title, folder = "food101", "Food101", "food-101"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Optional, Sequence, TypeVar
 
 from ..errors import DatasetError
 from .base import Dataset, PathLike, as_path
@@ -197,12 +197,27 @@ class Reader:
     def scan(self, base: Path, split: str, **kwargs) -> Scan:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _named_classes(self, classnames: str | Sequence[str], expected: int) -> list[str]:
+        """Other names for the same labels: a shipped class-name file's stem (``"food101_tpt"``) or a list."""
+        if isinstance(classnames, str):
+            try:
+                names = classnames_file(classnames)
+            except (FileNotFoundError, OSError, DatasetError) as exc:
+                raise DatasetError(f"{self.name}: no shipped class-name list {classnames!r} ({exc})") from exc
+        else:
+            names = [str(c) for c in classnames]
+        if len(names) != expected:
+            raise DatasetError(f"{self.name}: {len(names)} class names given for {expected} classes")
+        return names
+
     def classnames(self) -> list[str]:
         if self.classnames_stem is None:
             raise DatasetError(f"{self.name} is an out-of-distribution set: it has no class names")
         return classnames_file(self.classnames_stem)
 
-    def load(self, root: PathLike, split: str = "test", **kwargs) -> Dataset:
+    def load(
+        self, root: PathLike, split: str = "test", classnames: str | Sequence[str] | None = None, **kwargs
+    ) -> Dataset:
         split = self.check_split(split)
         base = self.locate(root, split)
         scan = self.scan(base, split, **kwargs)
@@ -210,9 +225,10 @@ class Reader:
             raise self.fail("\n".join(scan.problems))
         if not scan.samples:
             raise self.fail(f"no images found in {scan.image_root or base}")
+        names = scan.classnames if classnames is None else self._named_classes(classnames, len(scan.classnames))
         return Dataset(
             scan.samples,
-            scan.classnames,
+            names,
             name=self.name,
             split=split,
             root=scan.image_root or base,
