@@ -82,53 +82,16 @@ def load_model(
         ModelSpecError: unknown name/tag/architecture (with close matches), missing file, weights
             unavailable offline, or a checkpoint that does not fit the architecture.
     """
-    from ..errors import ModelSpecError
-
-    if isinstance(spec, Mapping):
-        from .openclip import load_openclip
-
-        return load_openclip(
-            spec,
-            pretrained,
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-            tokenizer=tokenizer,
-            preprocess_cfg=preprocess_cfg,
-        )
-    if not isinstance(spec, (str, os.PathLike)):
-        raise ModelSpecError(
-            f"a model spec is a string, a path or an open_clip config dict, not {type(spec).__name__}; "
-            "wrap models already in memory with vlm_tta.models.from_open_clip / from_hf"
-        )
-    text = os.fspath(spec)
-    if not text.strip():
-        raise ModelSpecError("empty model spec; e.g. 'ViT-B-16@openai' or 'hf:google/siglip-base-patch16-224'")
-    if text.startswith("hf:"):
+    backend, target = _route(spec)
+    if backend == "hf":
         if tokenizer is not None:
+            from ..errors import ModelSpecError
+
             raise ModelSpecError("tokenizer= is for open_clip models; a transformers model uses its processor's")
         from .huggingface import load_hf
 
         return load_hf(
-            text,
-            pretrained,
-            device=device,
-            precision=precision,
-            trust_remote_code=trust_remote_code,
-            cache_dir=cache_dir,
-            preprocess_cfg=preprocess_cfg,
-        )
-    path = os.path.expanduser(text)
-    if (
-        not text.startswith(("open_clip:", "hf-hub:", "local-dir:"))
-        and os.path.isdir(path)
-        and os.path.isfile(os.path.join(path, "config.json"))
-        and not os.path.isfile(os.path.join(path, "open_clip_config.json"))
-    ):
-        from .huggingface import load_hf  # a transformers directory given without the hf: prefix
-
-        return load_hf(
-            path,
+            target,
             pretrained,
             device=device,
             precision=precision,
@@ -139,7 +102,7 @@ def load_model(
     from .openclip import load_openclip
 
     return load_openclip(
-        spec,
+        target,
         pretrained,
         device=device,
         precision=precision,
@@ -147,6 +110,33 @@ def load_model(
         tokenizer=tokenizer,
         preprocess_cfg=preprocess_cfg,
     )
+
+
+def _route(spec: str | Mapping | os.PathLike) -> tuple[str, Any]:
+    """Which backend loads ``spec`` (``"hf"`` or ``"open_clip"``) and what it is given."""
+    from ..errors import ModelSpecError
+
+    if isinstance(spec, Mapping):
+        return "open_clip", spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelSpecError(
+            f"a model spec is a string, a path or an open_clip config dict, not {type(spec).__name__}; "
+            "wrap models already in memory with vlm_tta.models.from_open_clip / from_hf"
+        )
+    text = os.fspath(spec)
+    if not text.strip():
+        raise ModelSpecError("empty model spec; e.g. 'ViT-B-16@openai' or 'hf:google/siglip-base-patch16-224'")
+    if text.startswith("hf:"):
+        return "hf", text
+    path = os.path.expanduser(text)
+    if (
+        not text.startswith(("open_clip:", "hf-hub:", "local-dir:"))
+        and os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and not os.path.isfile(os.path.join(path, "open_clip_config.json"))
+    ):
+        return "hf", path  # a transformers directory given without the hf: prefix
+    return "open_clip", spec
 
 
 def from_open_clip(model, preprocess, tokenizer, name: str | None = None, device=None, precision: str | None = None):
