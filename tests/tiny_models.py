@@ -23,6 +23,15 @@ from pathlib import Path
 import torch
 
 IMAGE_SIZE = 32
+#: The vision tower shared by the tiny HF CLIP and SigLIP models.
+HF_TINY_VISION = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+)
 EMBED_DIM = 32
 
 #: Words the tiny SigLIP tokenizer is trained on (tests' class names and templates come from these).
@@ -95,14 +104,7 @@ def build_tiny_hf_clip(seed: int = 0):
             eos_token_id=eos,
             pad_token_id=eos,
         ),
-        vision_config=dict(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
+        vision_config=dict(HF_TINY_VISION),
         projection_dim=EMBED_DIM,
     )
     with torch.random.fork_rng():
@@ -161,14 +163,7 @@ def build_tiny_hf_siglip(workdir: str | os.PathLike, seed: int = 0):
             eos_token_id=1,
             bos_token_id=None,
         ),
-        vision_config=dict(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
+        vision_config=dict(HF_TINY_VISION),
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -34,6 +34,7 @@ The ``vlm-tta cache info`` / ``vlm-tta cache clear`` verbs are defined here (:fu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -276,6 +277,18 @@ def _connect(db_path: Path, readonly: bool = False, immutable: bool = False) -> 
         uri = Path(db_path).absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
         return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     return sqlite3.connect(os.fspath(db_path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (the write lock is taken first)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -595,18 +608,13 @@ class EmbeddingCache:
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         if self._check_schema(conn):
             return
-        conn.execute("BEGIN IMMEDIATE")  # serialise first-time creation between processes
-        try:
+        with _transaction(conn):  # serialise first-time creation between processes
             if not self._check_schema(conn):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
                 conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -656,14 +664,9 @@ class EmbeddingCache:
         if not (self._conn_writable and self._can_write):
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 # Match the checksum read, so a sound value another process just wrote survives.
                 conn.executemany("DELETE FROM embeddings WHERE key = ? AND checksum IS ?", damaged)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
         except sqlite3.Error as exc:
             self._on_error(exc, "write")
 
@@ -708,17 +711,12 @@ class EmbeddingCache:
             if conn is None:
                 return 0
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     conn.executemany(
                         "INSERT OR REPLACE INTO embeddings "
                         "(key, kind, dtype, shape, checksum, created, nbytes, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         rows,
                     )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    _rollback(conn)
-                    raise
             except sqlite3.Error as exc:
                 self._on_error(exc, "write")
                 return 0
@@ -860,15 +858,10 @@ class EmbeddingCache:
                     if remove_files:
                         self._remove_files()
                     return 0
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
                     n = int(conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
                     conn.execute(f"DELETE FROM embeddings {where}", params)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    _rollback(conn)
-                    raise
                 # Compaction (best effort: another process may be reading). VACUUM only when all
                 # went: it rewrites the whole file, cheap only when the file is empty.
                 for stmt in (["VACUUM"] if kind is None else []) + ["PRAGMA wal_checkpoint(TRUNCATE)"]:
