@@ -19,6 +19,18 @@ Model-level methods (``needs_pixels = True``) implement :meth:`Method.predict_sa
 :class:`~vlm_tta.features.Sample` (lazy pixels, views and view embeddings) and the backbone as
 ``self.ctx.model``.
 Online methods (``episodic = False``) keep state along the stream and are fed in stream order.
+
+How the stream reaches a method (one loop, :mod:`vlm_tta.engine`, feeds ``classify``,
+``classify_features`` and the benchmark runner alike):
+
+* the stream is cut into chunks of :meth:`Method.stream_batch_size` items (default: the caller's
+  ``batch_size``); a method whose results depend on its own batch (AdaND, SubTTA) returns its batch
+  size there, so its output never depends on how the caller chunks;
+* feature-level methods get each chunk as one ``N x V x D`` tensor in :meth:`Method.predict_batch`
+  (L2-normalised, or the encoder's raw output when ``raw_features = True``);
+* model-level methods get a list of :class:`~vlm_tta.features.Sample` in
+  :meth:`Method.predict_samples` (default: :meth:`Method.predict_sample` one by one);
+* after the stream, :meth:`Method.run_info` is merged into the result's ``info``.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ class Prediction:
 
     logits: torch.Tensor
     score: float | None = None
+    #: the method's own clean/noisy decision (AdaND, noisy TTA); None for methods that do not decide.
+    noisy: bool | None = None
 
     @property
     def index(self) -> int:
@@ -62,6 +76,12 @@ class MethodContext:
     logit_bias: float | None = None
     classnames: Sequence[str] | None = None
     model: Any = None  # the VisionLanguageModel, for model-level methods; None on features
+    #: the :class:`~vlm_tta.features.FeatureStore` that encodes through the shared cache (None when the
+    #: method runs on embeddings the caller passed in, as in ``classify_features``)
+    store: Any = None
+    #: per-stream inputs that are data, not hyper-parameters (e.g. AdaND's ``noise_features`` and
+    #: ``injected_noise`` rows passed to ``classify_features``); empty by default
+    extras: dict = dataclasses.field(default_factory=dict)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """The backbone's logits for L2-normalised image features (... x D) against the classes."""
@@ -79,6 +99,9 @@ class Method:
     episodic: ClassVar[bool] = True
     #: model-level methods (TPT, TCA, ...) need the backbone and the pixels.
     needs_pixels: ClassVar[bool] = False
+    #: feature-level methods that read the encoder's raw (un-normalised) image embeddings (AdaND's
+    #: detector); all others get L2-normalised ones.
+    raw_features: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None:
@@ -102,6 +125,17 @@ class Method:
     def reset(self) -> None:
         """Forget the stream (online methods clear their memory here)."""
 
+    def stream_batch_size(self) -> int | None:
+        """How many stream items the method takes per call of :meth:`predict_batch` /
+        :meth:`predict_samples`; None lets the caller's ``batch_size`` decide. Methods whose output
+        depends on their batch (AdaND, SubTTA) return their own batch size option."""
+        return None
+
+    def run_info(self) -> dict:
+        """What the method reports about the run once the stream is done (merged into
+        ``ClassificationResult.info``; e.g. TCA's mean GMACs per image). Default: nothing."""
+        return {}
+
     # ------------------------------------------------------------------ prediction
     def predict_features(self, features: torch.Tensor) -> Prediction:
         """Predict one image from its L2-normalised view embeddings (V x D, view 0 = original)."""
@@ -112,6 +146,12 @@ class Method:
         (:class:`vlm_tta.features.Sample`). Model-level methods override this; the default reads
         the embeddings of :meth:`view_set` and calls :meth:`predict_features`."""
         return self.predict_features(sample.view_features(self.view_set()))
+
+    def predict_samples(self, samples: "Sequence[Sample]") -> list[Prediction]:
+        """Predict a chunk of images, in stream order. The default calls :meth:`predict_sample` one by
+        one; model-level methods that adapt several images at once (batched TPT) or learn from a batch
+        (SubTTA) override it."""
+        return [self.predict_sample(s) for s in samples]
 
     def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
         """Predict N images (N x V x D) in stream order. The default feeds them one by one, which
