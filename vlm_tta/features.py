@@ -233,3 +233,14 @@ class Sample:
     def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
         """V x D embeddings of the views (read from the cache when present)."""
         return self.store.view_features([self._image], view_set, normalize=normalize, hashes=[self.image_hash])[0]
+
+
+def batch_view_features(samples: Sequence[Sample], view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
+    """N x V x D embeddings of the views of several samples in one batched pass through the shared
+    cache (what a model-level method that adapts many images at once reads)."""
+    if not samples:
+        raise ValueError("batch_view_features needs at least one sample")
+    store = samples[0].store
+    return store.view_features(
+        [s._image for s in samples], view_set, normalize=normalize, hashes=[s.image_hash for s in samples]
+    )

@@ -30,7 +30,8 @@ How the stream reaches a method (one loop, :mod:`vlm_tta.engine`, feeds ``classi
   (L2-normalised, or the encoder's raw output when ``raw_features = True``);
 * model-level methods get a list of :class:`~vlm_tta.features.Sample` in
   :meth:`Method.predict_samples` (default: :meth:`Method.predict_sample` one by one);
-* after the stream, :meth:`Method.run_info` is merged into the result's ``info``.
+* when the stream ends (also on an error) :meth:`Method.finish` undoes any change to the backbone,
+  then :meth:`Method.run_info` is merged into the result's ``info``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class Method:
         :meth:`predict_samples`; None lets the caller's ``batch_size`` decide. Methods whose output
         depends on their batch (AdaND, SubTTA) return their own batch size option."""
         return None
+
+    def finish(self) -> None:
+        """Called once when the stream ends, also after an error: undo every change the method made
+        outside itself (SubTTA's LayerNorm weights, hooks on the backbone), so the user's model and its
+        fingerprint are exactly as before. Default: nothing to undo."""
 
     def run_info(self) -> dict:
         """What the method reports about the run once the stream is done (merged into
