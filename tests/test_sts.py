@@ -19,7 +19,6 @@ from vlm_tta.methods import MethodContext, create_method, get_method_class
 from vlm_tta.methods import sts as sts_mod
 from vlm_tta.methods.common import entropy
 from vlm_tta.methods.sts import (
-    STS,
     STSConfig,
     _Prototypes,
     cached_spectral_basis,
@@ -179,7 +178,9 @@ def test_shifted_cosines_equal_the_normalised_shifted_prototypes():
     direct = torch.stack([_direct_logits(views[i], z, basis, gamma[i], 1.0) for i in range(3)])
     np.testing.assert_allclose(fast, direct, atol=1e-6)
     # gamma = 0: the unshifted cosines
-    np.testing.assert_allclose(shifted_cosines(views @ z.T, views @ basis, torch.zeros(3, 6), p), views @ z.T, atol=1e-6)
+    np.testing.assert_allclose(
+        shifted_cosines(views @ z.T, views @ basis, torch.zeros(3, 6), p), views @ z.T, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("options", [dict(steps=0), dict(lr=0.0)])
@@ -281,8 +282,12 @@ def test_batched_equals_one_image_at_a_time():
     np.testing.assert_allclose(together.gamma, alone, rtol=1e-4, atol=1e-6)  # 3 steps: |gamma| ~ 1.5e-2
     # internal chunking changes nothing either
     method.chunk_elements = 2 * 64 * 20
-    np.testing.assert_allclose(torch.stack([q.logits for q in method.predict_batch(views)]),
-                               torch.stack([b.logits for b in batched]), rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        torch.stack([q.logits for q in method.predict_batch(views)]),
+        torch.stack([b.logits for b in batched]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------------- options and errors
@@ -379,8 +384,9 @@ def test_classify_end_to_end(backend, request, tmp_path):
 def test_sts_ensemble_end_to_end(tiny_openclip, tmp_path):
     images = _images(2)
     scale = dict(logit_scale=tiny_openclip.logit_scale, n_views=16)
-    res = vlm_tta.classify(images, CLASSES, method="sts_ensemble", templates="clip7", model=tiny_openclip,
-                           cache_dir=tmp_path, n_views=16)  # fmt: skip
+    res = vlm_tta.classify(
+        images, CLASSES, method="sts_ensemble", templates="clip7", model=tiny_openclip, cache_dir=tmp_path, n_views=16
+    )
     store = FeatureStore(tiny_openclip, EmbeddingCache(tmp_path))
     views = store.view_features(images, create_method("sts_ensemble", n_views=16).view_set())
     expected = vlm_tta.classify_features(views, store.class_features(CLASSES, "clip7"), method="sts_ensemble", **scale)
