@@ -103,8 +103,8 @@ class Method:
     #: feature-level methods that read the encoder's raw (un-normalised) image embeddings (AdaND's
     #: detector); all others get L2-normalised ones.
     raw_features: ClassVar[bool] = False
-    #: the prompt template set (a :mod:`vlm_tta.templates` name) the method's paper uses, which
-    #: ``classify`` uses when the caller passes ``templates=None``; None = the toolkit default (single).
+    #: the prompt template set the method uses when the caller names none (``sts_ensemble``: ``clip7``);
+    #: None means the toolkit's default (``single``).
     default_templates: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **options: Any) -> None:
