@@ -370,6 +370,7 @@ def test_classify_end_to_end(backend, request, tmp_path):
         views, classes, method="sts", logit_scale=model.logit_scale, logit_bias=model.logit_bias
     )
     np.testing.assert_allclose(res.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    assert res.info["sts_k"] >= 1 and res.info["templates"] == "single"
     # steps=0 is zero-shot, bias included
     zs = vlm_tta.classify(images, CLASSES, model=model, cache_dir=tmp_path)
     none = vlm_tta.classify(images, CLASSES, method="sts", steps=0, model=model, cache_dir=tmp_path)
@@ -384,9 +385,13 @@ def test_classify_end_to_end(backend, request, tmp_path):
 def test_sts_ensemble_end_to_end(tiny_openclip, tmp_path):
     images = _images(2)
     scale = dict(logit_scale=tiny_openclip.logit_scale, n_views=16)
-    res = vlm_tta.classify(
+    # templates=None: classify takes the method's default_templates, CLIP's 7 templates
+    res = vlm_tta.classify(images, CLASSES, method="sts_ensemble", model=tiny_openclip, cache_dir=tmp_path, n_views=16)
+    assert res.info["templates"] == "clip7"
+    explicit = vlm_tta.classify(
         images, CLASSES, method="sts_ensemble", templates="clip7", model=tiny_openclip, cache_dir=tmp_path, n_views=16
     )
+    np.testing.assert_array_equal(res.logits, explicit.logits)
     store = FeatureStore(tiny_openclip, EmbeddingCache(tmp_path))
     views = store.view_features(images, create_method("sts_ensemble", n_views=16).view_set())
     expected = vlm_tta.classify_features(views, store.class_features(CLASSES, "clip7"), method="sts_ensemble", **scale)
