@@ -9,8 +9,9 @@ Not part of the test run. Two parts:
 (b) from raw images with a ViT-B/16-sized random open_clip model: per-image time and peak memory of
     zero-shot reading the same 64 crop_flip views (so both pay for encoding them), STS, and TPT when
     ``vlm_tta.methods.tpt`` exists. Each method runs in its own process on the same images with a cold
-    view cache (the class embeddings are computed first, outside the timing). Target: STS within 1.5x
-    of zero-shot-with-64-views.
+    view cache (the class embeddings are computed once first, outside the timing, and copied into each
+    process's cache); methods alternate over ``--rounds`` and the best round counts. Target: STS
+    within 1.5x of zero-shot-with-64-views.
 
     python benchmarks/bench_sts.py                       # both parts
     python benchmarks/bench_sts.py --part a --images 4096
@@ -23,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,78 +95,90 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def child(method_name: str, args) -> dict:
-    """One method in this process: class embeddings first (not timed), then the images, cold views."""
+    """One method in this process on ``args.cache`` (class embeddings there, no view embeddings)."""
     from vlm_tta.data.resources import imagenet_classnames
-    from vlm_tta.features import FeatureStore, encoder_call_counter
+    from vlm_tta.features import encoder_call_counter
 
     model = vlm_tta.load_model(args.model, pretrained=None, device=args.device)
     classes = imagenet_classnames()[: args.classes]
     images = make_images(args.raw_images)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = vlm_tta.cache.EmbeddingCache(tmp)
-        FeatureStore(model, cache).class_features(classes, allow_duplicates=True)
-        method = ZeroShotViews() if method_name == "zeroshot_64" else create_method(method_name)
-        calls = encoder_call_counter(model)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        vlm_tta.classify(
-            images, classes, method=method, model=model, cache=cache, batch_size=64, allow_duplicate_classnames=True
-        )
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        out = {
-            "method": method_name,
-            "s_per_image": seconds / len(images),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
-            "image_encoder_calls": calls()["images"],
-        }
-        if args.device.startswith("cuda"):
-            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    method = ZeroShotViews() if method_name == "zeroshot_64" else create_method(method_name)
+    calls = encoder_call_counter(model)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    vlm_tta.classify(
+        images,
+        classes,
+        method=method,
+        model=model,
+        cache_dir=args.cache,
+        batch_size=64,
+        allow_duplicate_classnames=True,
+    )
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {
+        "s_per_image": seconds / len(images),
+        "peak_rss_mb": rss1 / 1024,
+        "rss_growth_mb": (rss1 - rss0) / 1024,
+        "image_encoder_calls": calls()["images"],
+        "text_encoder_calls": calls()["texts"],
+    }
+    if args.device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
 def part_b(args) -> None:
+    from vlm_tta.data.resources import imagenet_classnames
+    from vlm_tta.features import FeatureStore
+
     methods = ["zeroshot_64", "sts"] + (["tpt"] if importlib.util.find_spec("vlm_tta.methods.tpt") else [])
     print(
         f"(b) raw images: {args.model} (random weights) on {args.device}, {args.raw_images} images, 64 crop_flip "
-        f"views, {args.classes} classes, cold view cache, one process per method"
+        f"views, {args.classes} classes; one process per method and round (methods alternate, the best round "
+        "is reported), each with a cache holding the class embeddings and no view embedding"
     )
     if "tpt" not in methods:
         print("  TPT: vlm_tta.methods.tpt does not exist in this checkout; not measured")
-    results = {}
-    for name in methods:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            name,
-            "--model",
-            args.model,
-            "--device",
-            args.device,
-            "--raw-images",
-            str(args.raw_images),
-            "--classes",
-            str(args.classes),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(f"  {name}: failed\n{proc.stderr[-2000:]}")
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        text_cache = f"{tmp}/text"
+        model = vlm_tta.load_model(args.model, pretrained=None, device=args.device)
+        store = FeatureStore(model, vlm_tta.cache.EmbeddingCache(text_cache))
+        store.class_features(imagenet_classnames()[: args.classes], allow_duplicates=True)
+        del model, store
+        for round_ in range(args.rounds):
+            for name in methods:
+                cache = f"{tmp}/{name}{round_}"
+                shutil.copytree(text_cache, cache)
+                cmd = [sys.executable, __file__, "--child", name, "--cache", cache, "--model", args.model]
+                cmd += ["--device", args.device, "--raw-images", str(args.raw_images), "--classes", str(args.classes)]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    print(f"  {name}: failed\n{proc.stderr[-2000:]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"  round {round_} {name:12s} {r['s_per_image']:8.2f} s/image", flush=True)
+                best = results.setdefault(name, r)
+                best["s_per_image"] = min(best["s_per_image"], r["s_per_image"])
+                for key in ("peak_rss_mb", "rss_growth_mb", "peak_cuda_mb"):
+                    if key in r:
+                        best[key] = max(best[key], r[key])
     base = results.get("zeroshot_64")
     for name, r in results.items():
         ratio = f"{r['s_per_image'] / base['s_per_image']:5.2f}x" if base else "  n/a"
         cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
         print(
             f"  {name:12s} {r['s_per_image']:8.2f} s/image ({ratio} zero-shot-64)  "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['rss_growth_mb']:.0f} MB during the run){cuda}; "
-            f"image encoder calls {r['image_encoder_calls']}"
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['rss_growth_mb']:.0f} MB during classify){cuda}; "
+            f"encoder calls: image {r['image_encoder_calls']}, text {r['text_encoder_calls']}"
         )
 
 
@@ -177,8 +191,13 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000, help="classes (ImageNet's names in (b))")
     ap.add_argument("--model", default="ViT-B-16", help="(b) open_clip model name, random weights")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=2, help="(b) rounds; methods alternate within a round")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
