@@ -44,6 +44,13 @@ def _prototypes(c=20, d=32, seed=0, shared=2.0):
     return F.normalize(torch.randn(c, d, generator=g) + shared * torch.randn(d, generator=g), dim=-1)
 
 
+def _low_rank_prototypes(c=20, d=32, rank=4, seed=0):
+    """Prototypes near a (rank + 1)-dimensional subspace (shared direction + rank directions) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(c, rank, generator=g) @ torch.randn(rank, d, generator=g)
+    return F.normalize(2 * torch.randn(d, generator=g) + signal + 0.1 * torch.randn(c, d, generator=g), dim=-1)
+
+
 def _direct_logits(views, z, basis, gamma, scale, bias=0.0):
     """The paper's formula, literally: logits of views against normalize(z_c + B gamma)."""
     shifted = F.normalize(z + (basis @ gamma), dim=-1)
@@ -236,6 +243,29 @@ def test_regulariser_and_weight_decay_are_inert_for_one_step_but_not_for_two():
     assert not np.allclose(run(steps=2, reg_weight=10.0), two)
     assert not np.allclose(run(steps=2, reg_weight=10.0, reg_norm="squared"), two)
     assert not np.allclose(two, base)
+
+
+@pytest.mark.parametrize("steps, bias", [(1, None), (3, -10.0)])
+def test_matches_a_literal_one_image_at_a_time_implementation(steps, bias):
+    views, z = _unit(4, 64, 32, seed=6), _low_rank_prototypes(seed=7)
+    method = create_method("sts", steps=steps)
+    method.setup(MethodContext(z, 30.0, bias))
+    basis, b = method.spectrum.basis, bias or 0.0
+    assert method.spectrum.k == 5  # Gavish-Donoho finds the shared direction and the 4 others
+    expected = []
+    for x in views:  # the algorithm as written: select, then AdamW on normalize(z_c + B gamma)
+        kept = torch.argsort(entropy(30.0 * x @ z.T + b), stable=True)[:6]
+        gamma = torch.zeros(basis.shape[1], requires_grad=True)
+        optimizer = torch.optim.AdamW([gamma], lr=5e-3)
+        for _ in range(steps):
+            p_bar = _direct_logits(x[kept], z, basis, gamma, 30.0, b).softmax(-1).mean(0)
+            optimizer.zero_grad()
+            (-(p_bar * p_bar.log()).sum()).backward()
+            optimizer.step()
+        expected.append(_direct_logits(x[0], z, basis, gamma.detach(), 30.0, b))
+    got = torch.stack([p.logits for p in method.predict_batch(views)])
+    np.testing.assert_allclose(got, torch.stack(expected), rtol=1e-5, atol=1e-4)
+    assert not np.allclose(got, 30.0 * views[:, 0] @ z.T + b, atol=1e-3)  # it did adapt
 
 
 # ---------------------------------------------------------------------- selection and prediction
