@@ -287,7 +287,7 @@ class STS(Method):
     episodic = True
     #: images per internal chunk: N x V x C cosines of about this many floats (16 MiB, 64 images at 1,000
     #: classes) stay in a server CPU's L3 cache for the entropy passes, with few parallel regions per image
-    #: (on a busy 2-core machine: 1.2x faster than 64 MiB chunks on one thread, 2x faster than 4 MiB chunks
+    #: (on a busy 2-core machine: 1.2x faster than 64 MiB chunks on one thread, 1.7x faster than 4 MiB chunks
     #: on two). Results do not depend on it.
     chunk_elements: ClassVar[int] = 1 << 22
 
