@@ -119,7 +119,9 @@ def run_on_images(
     return out
 
 
-def run_on_features(method: Method, ctx: MethodContext, features: torch.Tensor, *, batch_size: int = 256) -> StreamOutput:
+def run_on_features(
+    method: Method, ctx: MethodContext, features: torch.Tensor, *, batch_size: int = 256
+) -> StreamOutput:
     """Run a feature-level ``method`` over ``N x V x D`` embeddings in order, in chunks."""
     if method.needs_pixels:
         raise FeatureError(f"method {method.name!r} needs the images, not only embeddings: use vlm_tta.classify()")
