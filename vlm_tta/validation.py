@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import ClassNamesError, TemplateError
+from .errors import FIX, ClassNamesError, TemplateError
 
 __all__ = ["validate_classnames", "validate_templates"]
 
@@ -37,7 +37,8 @@ def validate_classnames(classnames: Sequence[str], allow_duplicates: bool = Fals
         if key in seen:
             raise ClassNamesError(
                 f"class name {name!r} appears twice (positions {seen[key]} and {i}); class names must be unique "
-                "(pass allow_duplicate_classnames=True if two classes really share a name)"
+                f"(pass {FIX} if two classes really share a name)",
+                fix={"allow_duplicate_classnames": True},
             )
         seen[key] = i
     return names
