@@ -500,12 +500,14 @@ class EmbeddingCache:
         if cls == "corrupt":
             self._broken = True
             self.close()
+            if isinstance(exc, _ForeignDatabase):  # someone else's file: clear() leaves it alone too
+                fix = f"Move that file away, or point the cache elsewhere with {CACHE_DIR_ENV}=/path."
+            else:
+                fix = f"{self._clear_hint()}."
             self._warn(
                 "file",
                 f"vlm_tta embedding cache: {self.db_path} is not a usable cache database ({exc}); the "
-                f"cache is off for this process and embeddings are computed without it. "
-                f"{self._clear_hint()} (or delete that file and its -wal/-shm companions while no "
-                "process uses them).",
+                f"cache is off for this process and embeddings are computed without it. {fix}",
             )
         elif during == "write" and cls == "unwritable":
             self._can_write = False
@@ -920,8 +922,8 @@ class EmbeddingCache:
                 n = int(conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
                 conn.execute(f"DELETE FROM embeddings {where}", params)
             # VACUUM rewrites the live rows, cheap when (nearly) none are left; the checkpoint then
-            # copies the shrunk database out of the WAL and truncates both files. Both are ordinary
-            # write transactions: concurrent writers wait for them, nothing is lost.
+            # copies the shrunk database out of the WAL and truncates both files. Both take SQLite's
+            # locks: concurrent writers wait for them (a few seconds at most), nothing is lost.
             conn.execute("PRAGMA busy_timeout = %d" % int(_COMPACT_BUSY_TIMEOUT_S * 1000))
             for stmt in (["VACUUM"] if kind is None else []) + ["PRAGMA wal_checkpoint(TRUNCATE)"]:
                 try:
