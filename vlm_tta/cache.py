@@ -654,6 +654,28 @@ class EmbeddingCache:
                 self._drop_damaged(conn, damaged)
         return out
 
+    def present(self, keys: Sequence[str]) -> set[str]:
+        """The subset of ``keys`` that has a stored row, without reading the rows (one query per
+        :data:`QUERY_CHUNK` keys): what a resumable job asks before it computes the rest. A row
+        found here can still fail its checksum when it is read (it then reads as a miss)."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        if not wanted or not self.enabled:
+            return found
+        self._check_fork()
+        with self._lock:
+            conn = self._open(for_write=False)
+            if conn is None:
+                return found
+            try:
+                for start in range(0, len(wanted), QUERY_CHUNK):
+                    chunk = wanted[start : start + QUERY_CHUNK]
+                    sql = "SELECT key FROM embeddings WHERE key IN (%s)" % ",".join("?" * len(chunk))
+                    found.update(row[0] for row in conn.execute(sql, chunk))
+            except sqlite3.Error as exc:
+                self._on_error(exc, "read")
+        return found
+
     def _drop_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[str, bytes]]) -> None:
         self._warn(
             "damaged",
