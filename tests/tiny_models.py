@@ -190,7 +190,7 @@ TINY_SD_SIZE = 32
 
 def build_tiny_image_variation_pipeline(seed: int = 0):
     """A ``StableDiffusionImageVariationPipeline`` with random tiny components (a two-block UNet
-    and VAE, a one-layer CLIP vision tower at 32 px, the checkpoint's PNDM scheduler settings),
+    and VAE, the tiny CLIP vision tower with a 16-d projection, the checkpoint's PNDM scheduler settings),
     no safety checker. It makes 32 x 32 images; 2 inference steps take a few milliseconds."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImageVariationPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -219,17 +219,7 @@ def build_tiny_image_variation_pipeline(seed: int = 0):
         norm_num_groups=4,
         sample_size=TINY_SD_SIZE,
     )
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            projection_dim=16,
-        )
-    )
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**HF_TINY_VISION, projection_dim=16))
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     # lambdalabs/sd-image-variations-diffusers' scheduler_config.json (PNDM, scaled-linear betas)
     scheduler = PNDMScheduler(
