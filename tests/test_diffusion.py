@@ -299,11 +299,14 @@ def test_cli_generate_folder_resumes_and_reports(pipe_dir, tmp_path, capsys):
     for i, name in enumerate(("a.png", "b.jpg", "sub/c.png")):
         noise_image(10 + i).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
     args = ["generate", str(folder), "--diffusion", str(pipe_dir), "--count", "2", "--steps", "2"]
     args += ["--height", "32", "--width", "32", "--cache-dir", str(tmp_path / "c"), "--batch-size", "3", "--json"]
     assert main(args) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert (out["images"], out["generated"], out["cached"]) == (3, 6, 0)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert (out["images"], out["generated"], out["cached"], out["skipped"]) == (3, 6, 0, 1)
+    assert "skipping an unreadable image" in captured.err and "broken.png" in captured.err
     assert out["seconds_per_image"] > 0 and out["pipeline"].startswith("folder-sha256:")
     assert main(args + ["--limit", "2"]) == 0
     again = json.loads(capsys.readouterr().out)

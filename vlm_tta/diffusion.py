@@ -77,7 +77,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .cache import EmbeddingCache, as_cache, make_key
-from .errors import VlmTtaError
+from .errors import ImageError, VlmTtaError
 from .images import content_hash, load_image
 from .models.base import state_dict_digest
 from .views import ViewRNG
@@ -796,12 +796,20 @@ def run(args: argparse.Namespace) -> int:
     )
     if not gen.cache.writable:
         raise VlmTtaError(f"the cache at {gen.cache.directory} cannot be written; generated views would be lost")
-    sources = _sources(args)
-    hashes = [content_hash(load_image(src)) for src in sources]
+    sources, hashes, skipped = [], [], []
+    for src in _sources(args):
+        try:
+            hashes.append(content_hash(load_image(src)))
+            sources.append(src)
+        except ImageError as exc:  # as dataset streams do: report and go on
+            skipped.append(src)
+            print(f"vlm-tta: skipping an unreadable image: {exc}", file=sys.stderr)
+    if not sources:
+        raise VlmTtaError("none of the images could be read")
     if gen.missing(hashes):
         gen.check_available()  # before any generation: a clear error when the weights are not here
     report = gen.generate(sources, image_hashes=hashes, progress=False if args.no_progress or args.json else None)
-    summary = {**report.as_dict(), "pipeline": gen.identity, "cache": str(gen.cache.directory)}
+    summary = {**report.as_dict(), "skipped": len(skipped), "pipeline": gen.identity, "cache": str(gen.cache.directory)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -814,6 +822,7 @@ def run(args: argparse.Namespace) -> int:
                 if report.generated
                 else ""
             )
+            + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else "")
             + f"\ncache: {gen.cache.directory}"
         )
     return 0
