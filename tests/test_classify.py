@@ -294,7 +294,7 @@ def test_warm_runs_do_not_decode_image_files(tiny_openclip, tmp_path, monkeypatc
         img.save(paths[-1])
     decoded = []
     real = features.load_image
-    monkeypatch.setattr(features, "load_image", lambda src: decoded.append(src) or real(src))
+    monkeypatch.setattr(features, "load_image", lambda src, **kw: decoded.append(src) or real(src, **kw))
     cold = vlm_tta.classify(paths, CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")
     assert len(decoded) == 4
     warm = vlm_tta.classify(paths, CLASSES, model=tiny_openclip, cache_dir=tmp_path / "c")

@@ -103,6 +103,9 @@ class Method:
     #: feature-level methods that read the encoder's raw (un-normalised) image embeddings (AdaND's
     #: detector); all others get L2-normalised ones.
     raw_features: ClassVar[bool] = False
+    #: the prompt template set the method uses when the caller names none (``sts_ensemble``: ``clip7``);
+    #: None means the toolkit's default (``single``).
+    default_templates: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None:
