@@ -343,3 +343,15 @@ def test_cli_generate_errors_before_any_work(tmp_path, capsys):
     assert EmbeddingCache(tmp_path / "c").info()["entries"] == 0
     assert main(["generate", "--cache-dir", str(tmp_path / "c")]) == 2
     assert "give image files/folders" in capsys.readouterr().err
+
+
+def test_exif_choice_decides_the_image_hash(pipe, tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    noise_image(5, (40, 24)).save(path, exif=exif)
+    raw = Image.open(path).convert("RGB")  # what the reference decodes: EXIF ignored
+    for exif_transpose, expected in ((False, raw), (True, raw.transpose(Image.Transpose.ROTATE_270))):
+        gen = variations(pipe, tmp_path / str(exif_transpose), count=1, exif_transpose=exif_transpose)
+        gen.generate([path], progress=False)
+        assert gen.missing([content_hash(expected)]) == []

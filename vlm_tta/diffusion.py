@@ -447,6 +447,9 @@ class ImageVariations:
             results do not depend on it). Each batch is committed to the cache at once.
         local_files_only: never download (default: ``HF_HUB_OFFLINE``).
         use_safetensors: passed to ``from_pretrained`` (None: safetensors when present).
+        exif_transpose: apply image files' EXIF orientation when decoding them (the library's
+            default, see :func:`~vlm_tta.images.load_image`); pass the same choice as to ``classify``,
+            since it changes the image's content hash. The reference ignores EXIF (False).
 
     Nothing is loaded until a generation is missing: :meth:`load` and cache hits need no weights.
     """
@@ -462,6 +465,7 @@ class ImageVariations:
         batch_size: int = 4,
         local_files_only: bool | None = None,
         use_safetensors: bool | None = None,
+        exif_transpose: bool = True,
         **options: Any,
     ) -> None:
         if settings is None:
@@ -476,6 +480,7 @@ class ImageVariations:
         self.batch_size = int(batch_size)
         self.local_files_only = local_files_only
         self.use_safetensors = use_safetensors
+        self.exif_transpose = bool(exif_transpose)
         self._spec = pipeline if isinstance(pipeline, (str, os.PathLike)) else None
         self._pipe = None if self._spec is not None else pipeline
         self._identity: str | None = None
@@ -550,6 +555,9 @@ class ImageVariations:
             else:
                 pipe._progress_bar_config = saved_bar
 
+    def _decode(self, src: Any) -> Image.Image:
+        return load_image(src, exif_transpose=self.exif_transpose)
+
     def _generator(self, image_hash: str, index: int) -> torch.Generator:
         return ViewRNG(f"diffusion|{self.settings.seed}|{image_hash}|{int(index)}").torch
 
@@ -586,7 +594,7 @@ class ImageVariations:
         """
         start = time.perf_counter()
         if image_hashes is None:  # decoded again below only if some of its generations are missing
-            hashes = [content_hash(load_image(src)) for src in images]
+            hashes = [content_hash(self._decode(src)) for src in images]
         else:
             hashes = list(image_hashes)
             if len(hashes) != len(images):
@@ -620,7 +628,7 @@ class ImageVariations:
                     batch = jobs[start : start + self.batch_size]
                     need = sorted({i for i, _ in batch if i not in conds})
                     if need:
-                        pixels = conditioning_pixels([load_image(images[i]) for i in need], self.settings.conditioning, pipe)
+                        pixels = conditioning_pixels([self._decode(images[i]) for i in need], self.settings.conditioning, pipe)
                         conds.update(zip(need, pixels))
                     cond = torch.stack([conds[i] for i, _ in batch])
                     arrays = self._run_batch(pipe, cond, [self._generator(hashes[i], j) for i, j in batch])
@@ -671,7 +679,7 @@ class ImageVariations:
         """The generations of ``images`` (``count x H x W x 3`` uint8 each): read from the cache,
         the missing ones generated first. Works with the cache off too (then nothing is kept)."""
         if image_hashes is None:
-            images = [load_image(src) for src in images]
+            images = [self._decode(src) for src in images]
             image_hashes = [content_hash(im) for im in images]
         made: dict[str, np.ndarray] = {}
         self.generate(images, image_hashes=image_hashes, progress=progress, _keep=made)
@@ -729,6 +737,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG round trip quality; 0: lossless (default 75)")
     p.add_argument("--store-size", type=int, default=d.store_size, help="stored shorter side; 0: as generated (default 224)")
     p.add_argument("--batch-size", type=int, default=4, help="generations per pipeline call (default 4)")
+    p.add_argument(
+        "--no-exif-transpose", action="store_true", help="ignore EXIF orientation (as the reference); match classify"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -783,6 +794,7 @@ def run(args: argparse.Namespace) -> int:
         cache=EmbeddingCache(args.cache_dir),
         device=args.device,
         batch_size=args.batch_size,
+        exif_transpose=not args.no_exif_transpose,
         count=args.count,
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -799,7 +811,7 @@ def run(args: argparse.Namespace) -> int:
     sources, hashes, skipped = [], [], []
     for src in _sources(args):
         try:
-            hashes.append(content_hash(load_image(src)))
+            hashes.append(content_hash(gen._decode(src)))
             sources.append(src)
         except ImageError as exc:  # as dataset streams do: report and go on
             skipped.append(src)
