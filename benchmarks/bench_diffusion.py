@@ -77,9 +77,12 @@ def main() -> None:
         r1 = one.generate(images, progress=False)
         batched = ImageVariations(pipe, cache=EmbeddingCache(tmp / "batched"), batch_size=args.batch_size, **settings)
         rb = batched.generate(images, progress=False)
-        print(f"\ncold run (every generation made and stored; JPEG round trip, stored <= 224 px):")
-        print(f"  batch 1:  {r1.seconds_per_image:8.3f} s per image  {1e3 * r1.seconds_per_generation:7.2f} ms per generation  ({one.calls} pipeline calls)")
-        print(f"  batch {args.batch_size}:  {rb.seconds_per_image:8.3f} s per image  {1e3 * rb.seconds_per_generation:7.2f} ms per generation  ({batched.calls} pipeline calls)")
+        print("\ncold run (every generation made and stored; JPEG round trip, stored <= 224 px):")
+        for label, r, g in (("batch 1", r1, one), (f"batch {args.batch_size}", rb, batched)):
+            print(
+                f"  {label}: {r.seconds_per_image:8.3f} s per image  {1e3 * r.seconds_per_generation:7.2f} ms "
+                f"per generation  ({g.calls} pipeline calls)"
+            )
         print(f"  batched / one-by-one time: {rb.seconds / r1.seconds:.2f}")
 
         # 2. warm: a second run over the same images (a new object, as a new process would be)
@@ -92,9 +95,15 @@ def main() -> None:
         t_load = time.perf_counter() - t0
         hit = rw.cached / (rw.cached + rw.generated)
         print("\nsecond run (same images, same cache):")
-        print(f"  cache hit rate {100 * hit:.1f}% ({rw.cached} of {total}), generated {rw.generated}, pipeline calls {again.calls}")
-        print(f"  presence check: {1e3 * t_check / args.images:.2f} ms per image ({t_check / rb.seconds * 100:.2f}% of the cold batched run)")
-        print(f"  reading the generations back: {1e3 * t_load / args.images:.2f} ms per image ({arrays[0].shape} uint8 each)")
+        print(f"  cache hit rate {100 * hit:.1f}% ({rw.cached} of {total}), generated {rw.generated}, ", end="")
+        print(f"pipeline calls {again.calls}")
+        print(
+            f"  presence check: {1e3 * t_check / args.images:.2f} ms per image "
+            f"({t_check / rb.seconds * 100:.2f}% of the cold batched run)"
+        )
+        print(
+            f"  reading the generations back: {1e3 * t_load / args.images:.2f} ms per image ({arrays[0].shape} uint8)"
+        )
 
         # 3. disk cost per generation
         print("\ncache bytes per generation (uint8 H x W x 3, SQLite on disk):")

@@ -42,9 +42,7 @@ HAND_LOGITS = torch.tensor(
     ]
 )
 # Image embeddings for the paper mode: generated view 5 looks like the original, 7 does not.
-HAND_FEATURES = torch.tensor(
-    [[1.0, 0]] + [[0.3, 0.7]] * 4 + [[1, 0.05], [1, 1], [0, 1]]
-)
+HAND_FEATURES = torch.tensor([[1.0, 0]] + [[0.3, 0.7]] * 4 + [[1, 0.05], [1, 1], [0, 1]])
 
 
 def test_hand_made_code_mode():

@@ -93,7 +93,14 @@ def test_settings_validation():
     with pytest.raises(DiffusionOptionError, match="guidance"):
         VariationSettings(guidance_scale=float("nan"))
     d = VariationSettings()  # the reference's values
-    assert (d.count, d.steps, d.guidance_scale, d.height, d.conditioning, d.jpeg_quality) == (63, 50, 3.0, 512, "reference", 75)
+    assert (d.count, d.steps, d.guidance_scale, d.height, d.conditioning, d.jpeg_quality) == (
+        63,
+        50,
+        3.0,
+        512,
+        "reference",
+        75,
+    )
     assert "count" not in d.key_dict()
 
 
@@ -336,7 +343,14 @@ def test_cli_generate_errors_before_any_work(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     noise_image(0).save(folder / "a.png")
-    args = ["generate", str(folder), "--diffusion", "vlm-tta-tests/no-such-pipeline", "--cache-dir", str(tmp_path / "c")]
+    args = [
+        "generate",
+        str(folder),
+        "--diffusion",
+        "vlm-tta-tests/no-such-pipeline",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "not in the local Hugging Face cache" in err and "--diffusion" in err

@@ -220,7 +220,8 @@ def build_tiny_image_variation_pipeline(seed: int = 0):
         sample_size=TINY_SD_SIZE,
     )
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**HF_TINY_VISION, projection_dim=16))
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop)
     # lambdalabs/sd-image-variations-diffusers' scheduler_config.json (PNDM, scaled-linear betas)
     scheduler = PNDMScheduler(
         beta_start=0.00085,

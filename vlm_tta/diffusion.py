@@ -169,13 +169,17 @@ class VariationSettings:
                 f"conditioning must be one of {', '.join(CONDITIONINGS)}; got {self.conditioning!r}"
             )
         if self.jpeg_quality is not None and (
-            isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100
+            isinstance(self.jpeg_quality, bool)
+            or not isinstance(self.jpeg_quality, int)
+            or not 1 <= self.jpeg_quality <= 100
         ):
             raise DiffusionOptionError(f"jpeg_quality must be an integer in 1..100 or None; got {self.jpeg_quality!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise DiffusionOptionError(f"seed must be an integer; got {self.seed!r}")
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.strip()):
-            raise DiffusionOptionError(f"scheduler must be a diffusers scheduler class name or None; got {self.scheduler!r}")
+            raise DiffusionOptionError(
+                f"scheduler must be a diffusers scheduler class name or None; got {self.scheduler!r}"
+            )
         object.__setattr__(self, "guidance_scale", float(g))
 
     def key_dict(self) -> dict:
@@ -226,7 +230,9 @@ def _offline(local_files_only: bool | None) -> bool:
 
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
-        raise DiffusionWeightsError(f"image-variation pipeline folder not found: {path}. " + _download_hint(DEFAULT_MODEL, DEFAULT_REVISION))
+        raise DiffusionWeightsError(
+            f"image-variation pipeline folder not found: {path}. " + _download_hint(DEFAULT_MODEL, DEFAULT_REVISION)
+        )
     if not (path / "model_index.json").is_file():
         raise DiffusionWeightsError(
             f"{path} is not a diffusers pipeline folder (no model_index.json). Pass the folder that "
@@ -297,7 +303,9 @@ def load_pipeline(
             f"could not load the image-variation pipeline {source!r}"
             + (f" (revision {revision})" if path is None else "")
             + f": {type(exc).__name__}: {exc}. "
-            + _download_hint(str(pipeline) if path is None else DEFAULT_MODEL, revision if path is None else DEFAULT_REVISION)
+            + _download_hint(
+                str(pipeline) if path is None else DEFAULT_MODEL, revision if path is None else DEFAULT_REVISION
+            )
         ) from exc
     return pipe.to(device)
 
@@ -318,7 +326,11 @@ def _folder_digest(path: Path) -> str:
     for comp in _COMPONENTS:
         folder = path / comp
         if folder.is_dir():
-            files += sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[len(path.parts):]))
+            files += sorted(
+                p
+                for p in folder.rglob("*")
+                if p.is_file() and not any(s.startswith(".") for s in p.parts[len(path.parts) :])
+            )
     for p in files:
         h.update(f"{p.relative_to(path).as_posix()}:{_file_sha256(p)};".encode())
     return h.hexdigest()
@@ -444,7 +456,8 @@ class ImageVariations:
             or False (no cache: everything is generated and only returned).
         device: where a loaded pipeline runs (default CUDA when available); fp16 on CUDA, fp32 on CPU.
         batch_size: generations per pipeline call (any mix of images and generation indices;
-            results do not depend on it). Each batch is committed to the cache at once.
+            results do not depend on it, up to the float rounding of batched kernels: a few pixel
+            values in 10^5 differ by one grey level on CPU). Each batch is committed to the cache at once.
         local_files_only: never download (default: ``HF_HUB_OFFLINE``).
         use_safetensors: passed to ``from_pretrained`` (None: safetensors when present).
         exif_transpose: apply image files' EXIF orientation when decoding them (the library's
@@ -628,7 +641,9 @@ class ImageVariations:
                     batch = jobs[start : start + self.batch_size]
                     need = sorted({i for i, _ in batch if i not in conds})
                     if need:
-                        pixels = conditioning_pixels([self._decode(images[i]) for i in need], self.settings.conditioning, pipe)
+                        pixels = conditioning_pixels(
+                            [self._decode(images[i]) for i in need], self.settings.conditioning, pipe
+                        )
                         conds.update(zip(need, pixels))
                     cond = torch.stack([conds[i] for i, _ in batch])
                     arrays = self._run_batch(pipe, cond, [self._generator(hashes[i], j) for i, j in batch])
@@ -669,7 +684,9 @@ class ImageVariations:
         for ks in keys:
             arrays = [found[k] for k in ks]
             if len({a.shape for a in arrays}) > 1:
-                raise GenerationsMissingError(f"stored generations of one image differ in size: {[a.shape for a in arrays]}")
+                raise GenerationsMissingError(
+                    f"stored generations of one image differ in size: {[a.shape for a in arrays]}"
+                )
             out.append(np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8))
         return out
 
@@ -720,22 +737,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="a built-in dataset name (see `vlm-tta datasets`)")
     p.add_argument("--data-root", help="the dataset's folder (with --dataset)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--subset", type=int, default=None, metavar="N", help="a seeded random subset of N images (DiffTPT: 1000)")
+    p.add_argument(
+        "--subset", type=int, default=None, metavar="N", help="a seeded random subset of N images (DiffTPT: 1000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --subset (default 0)")
     p.add_argument("--subset-file", default=None, help="save the subset to / read it from this JSON file")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
-    p.add_argument("--diffusion", default=DEFAULT_MODEL, help=f"hub id or local pipeline folder (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--diffusion", default=DEFAULT_MODEL, help=f"hub id or local pipeline folder (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--revision", default=DEFAULT_REVISION, help=f"hub revision (default {DEFAULT_REVISION})")
     p.add_argument("--count", type=int, default=d.count, help=f"generations per image (default {d.count})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default {d.steps})")
-    p.add_argument("--guidance", type=float, default=d.guidance_scale, help=f"guidance scale (default {d.guidance_scale:g})")
+    p.add_argument(
+        "--guidance", type=float, default=d.guidance_scale, help=f"guidance scale (default {d.guidance_scale:g})"
+    )
     p.add_argument("--height", type=int, default=d.height)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the checkpoint's own)")
     p.add_argument("--conditioning", choices=CONDITIONINGS, default=d.conditioning)
     p.add_argument("--generation-seed", type=int, default=d.seed, help="seed of the generations (default 0)")
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG round trip quality; 0: lossless (default 75)")
-    p.add_argument("--store-size", type=int, default=d.store_size, help="stored shorter side; 0: as generated (default 224)")
+    p.add_argument(
+        "--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG round trip quality; 0: lossless (default 75)"
+    )
+    p.add_argument(
+        "--store-size", type=int, default=d.store_size, help="stored shorter side; 0: as generated (default 224)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="generations per pipeline call (default 4)")
     p.add_argument(
         "--no-exif-transpose", action="store_true", help="ignore EXIF orientation (as the reference); match classify"

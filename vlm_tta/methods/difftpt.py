@@ -84,7 +84,11 @@ def assemble_pool(conventional: torch.Tensor, generated: torch.Tensor) -> torch.
     """DiffTPT's pool ``N x (1 + C + G) x ...`` in the reference's order: the original and the
     ``C`` conventional views (``N x (1 + C) x ...``, view 0 the original), then the ``G`` generated
     views (``N x G x ...``). Works on pixels and on embeddings alike."""
-    if conventional.ndim < 2 or conventional.shape[0] != generated.shape[0] or conventional.shape[2:] != generated.shape[2:]:
+    if (
+        conventional.ndim < 2
+        or conventional.shape[0] != generated.shape[0]
+        or conventional.shape[2:] != generated.shape[2:]
+    ):
         raise ValueError(
             f"conventional views {tuple(conventional.shape)} and generated views {tuple(generated.shape)} must be "
             "N x V x ... with the same N and the same trailing shape"
@@ -114,7 +118,9 @@ def generated_views(model: Any, generations: np.ndarray) -> torch.Tensor:
     return ViewSet("original", 1).make_batch(pil, model.preprocess_cfg, original=model.preprocess)[:, 0]
 
 
-def generated_view_features(store: Any, variations: Any, image_hashes: Sequence[str], normalize: bool = True) -> torch.Tensor:
+def generated_view_features(
+    store: Any, variations: Any, image_hashes: Sequence[str], normalize: bool = True
+) -> torch.Tensor:
     """``N x G x D`` embeddings of the generated views of ``N`` images (by content hash), through the
     shared cache: a generated view is addressed by its generation's cache key, so a warm run reads
     neither the generations nor the encoder. ``variations`` is a
