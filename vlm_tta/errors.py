@@ -7,7 +7,6 @@ so both ``except VlmTtaError`` and ``except ValueError`` work. Messages say what
 
 from __future__ import annotations
 
-
 #: Python option -> command-line flag, for errors that name their fix (one place for the mapping).
 CLI_FLAGS = {
     "model": "--model",

@@ -229,7 +229,9 @@ class VisionLanguageModel(ABC):
         marks texts longer than the context length; None when the backend cannot tell."""
         return None
 
-    def check_prompts(self, classnames: Sequence[str], templates: Sequence[str], allow_duplicates: bool = False) -> None:
+    def check_prompts(
+        self, classnames: Sequence[str], templates: Sequence[str], allow_duplicates: bool = False
+    ) -> None:
         """Refuse class names whose prompts the tokenizer cannot tell apart (CLIP lowercases: "Cat"
         and "cat"; two long names that differ only after the context length), which would give
         identical embeddings and a meaningless tie; warn when a prompt is cut at the context length."""
@@ -295,7 +297,8 @@ def resolve_device(device=None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ModelSpecError(
-            f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)", fix={"device": "cpu"}
+            f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)",
+            fix={"device": "cpu"},
         ) from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -307,7 +310,9 @@ def resolve_device(device=None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ModelSpecError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelSpecError(f"device {device!r}: MPS is not available on this machine; use {FIX}", fix={"device": "cpu"})
+        raise ModelSpecError(
+            f"device {device!r}: MPS is not available on this machine; use {FIX}", fix={"device": "cpu"}
+        )
     return dev
 
 
