@@ -285,7 +285,9 @@ def test_clear_errors_without_weights(tmp_path, images):
     gen = ImageVariations("vlm-tta-tests/no-such-pipeline", cache=EmbeddingCache(tmp_path), **FAST)
     with pytest.raises(DiffusionWeightsError, match="hf download vlm-tta-tests/no-such-pipeline") as err:
         gen.check_available()  # HF_HUB_OFFLINE=1 in the tests
-    assert "--diffusion /path/to/sd-variations" in str(err.value)
+    # the fix in each interface's terms: diffusion='...' in Python, --diffusion ... on the command line
+    assert "diffusion='/path/to/sd-variations'" in str(err.value)
+    assert "--diffusion /path/to/sd-variations" in err.value.render("cli")
     with pytest.raises(DiffusionWeightsError):
         gen.generate(images[:1], progress=False)
     with pytest.raises(GenerationsMissingError, match="vlm-tta generate"):
@@ -353,7 +355,7 @@ def test_cli_generate_errors_before_any_work(tmp_path, capsys):
     ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "not in the local Hugging Face cache" in err and "--diffusion" in err
+    assert "not in the local Hugging Face cache" in err and "--diffusion /path/to/sd-variations" in err
     assert EmbeddingCache(tmp_path / "c").info()["entries"] == 0
     assert main(["generate", "--cache-dir", str(tmp_path / "c")]) == 2
     assert "give image files/folders" in capsys.readouterr().err

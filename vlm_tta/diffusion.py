@@ -77,7 +77,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .cache import EmbeddingCache, as_cache, make_key
-from .errors import ImageError, VlmTtaError
+from .errors import FIX, ImageError, VlmTtaError
 from .images import content_hash, load_image
 from .models.base import state_dict_digest
 from .views import ViewRNG
@@ -204,14 +204,18 @@ def _local_path(spec: str | os.PathLike) -> Path | None:
     return None
 
 
-def _download_hint(spec: str, revision: str | None) -> str:
+def _weights_error(
+    message: str, spec: str = DEFAULT_MODEL, revision: str | None = DEFAULT_REVISION
+) -> DiffusionWeightsError:
+    """The error for weights that are not here: what to download, and the option that takes the folder
+    (``--diffusion DIR`` on the command line, ``diffusion=DIR`` in Python)."""
     rev = f" --revision {revision}" if revision else ""
-    return (
-        f"On a machine with internet, download it with `hf download {spec}{rev} --local-dir /path/to/sd-variations "
-        "--exclude 'safety_checker/*'` (huggingface_hub's CLI; the safety checker is not needed), copy that folder "
-        "here and pass it: `vlm-tta generate --diffusion /path/to/sd-variations ...` (Python: "
-        "`ImageVariations('/path/to/sd-variations')`). Or generate the views on that machine with `vlm-tta generate` "
-        "and copy its cache directory (VLM_TTA_CACHE_DIR): generations in the cache need no weights."
+    return DiffusionWeightsError(
+        f"{message} On a machine with internet, download it with `hf download {spec}{rev} --local-dir "
+        "/path/to/sd-variations --exclude 'safety_checker/*'` (huggingface_hub's CLI; the safety checker is not "
+        f"needed), copy that folder here and pass it: {FIX}. Or generate the views on that machine with "
+        "`vlm-tta generate` and copy its cache directory (VLM_TTA_CACHE_DIR): cached generations need no weights.",
+        fix={"diffusion": "/path/to/sd-variations"},
     )
 
 
@@ -230,9 +234,7 @@ def _offline(local_files_only: bool | None) -> bool:
 
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
-        raise DiffusionWeightsError(
-            f"image-variation pipeline folder not found: {path}. " + _download_hint(DEFAULT_MODEL, DEFAULT_REVISION)
-        )
+        raise _weights_error(f"image-variation pipeline folder not found: {path}.")
     if not (path / "model_index.json").is_file():
         raise DiffusionWeightsError(
             f"{path} is not a diffusers pipeline folder (no model_index.json). Pass the folder that "
@@ -259,9 +261,11 @@ def check_available(
     if isinstance(found, str):
         return
     if _offline(local_files_only):
-        raise DiffusionWeightsError(
+        raise _weights_error(
             f"the image-variation weights {pipeline!r} (revision {revision}) are not in the local Hugging Face "
-            f"cache and downloads are off (offline). " + _download_hint(str(pipeline), revision)
+            "cache and downloads are off (offline).",
+            str(pipeline),
+            revision,
         )
 
 
@@ -299,13 +303,13 @@ def load_pipeline(
     try:
         pipe = StableDiffusionImageVariationPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors come in many classes
-        raise DiffusionWeightsError(
+        hub = path is None
+        raise _weights_error(
             f"could not load the image-variation pipeline {source!r}"
-            + (f" (revision {revision})" if path is None else "")
-            + f": {type(exc).__name__}: {exc}. "
-            + _download_hint(
-                str(pipeline) if path is None else DEFAULT_MODEL, revision if path is None else DEFAULT_REVISION
-            )
+            + (f" (revision {revision})" if hub else "")
+            + f": {type(exc).__name__}: {exc}.",
+            str(pipeline) if hub else DEFAULT_MODEL,
+            revision if hub else DEFAULT_REVISION,
         ) from exc
     return pipe.to(device)
 
@@ -446,7 +450,7 @@ class ImageVariations:
     """The image variations of test images, made once and read from the shared cache after.
 
     Args:
-        pipeline: a hub id (default ``lambdalabs/sd-image-variations-diffusers``), a local folder
+        diffusion: a hub id (default ``lambdalabs/sd-image-variations-diffusers``), a local folder
             written by ``save_pretrained`` / ``hf download``, or a ``StableDiffusionImageVariationPipeline``
             object (used where it is, as it is; its scheduler and safety checker are set for each
             call and restored after).
@@ -469,7 +473,7 @@ class ImageVariations:
 
     def __init__(
         self,
-        pipeline: Any = DEFAULT_MODEL,
+        diffusion: Any = DEFAULT_MODEL,
         *,
         revision: str | None = DEFAULT_REVISION,
         settings: VariationSettings | None = None,
@@ -494,8 +498,8 @@ class ImageVariations:
         self.local_files_only = local_files_only
         self.use_safetensors = use_safetensors
         self.exif_transpose = bool(exif_transpose)
-        self._spec = pipeline if isinstance(pipeline, (str, os.PathLike)) else None
-        self._pipe = None if self._spec is not None else pipeline
+        self._spec = diffusion if isinstance(diffusion, (str, os.PathLike)) else None
+        self._pipe = None if self._spec is not None else diffusion
         self._identity: str | None = None
         if self._spec is not None and _local_path(self._spec) is not None:
             _check_folder(_local_path(self._spec))  # a wrong folder is reported at once
@@ -765,7 +769,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4, help="generations per pipeline call (default 4)")
     p.add_argument(
-        "--no-exif-transpose", action="store_true", help="ignore EXIF orientation (as the reference); match classify"
+        "--ignore-exif", action="store_true", help="ignore EXIF orientation (as the reference; use what classify uses)"
     )
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
@@ -821,7 +825,7 @@ def run(args: argparse.Namespace) -> int:
         cache=EmbeddingCache(args.cache_dir),
         device=args.device,
         batch_size=args.batch_size,
-        exif_transpose=not args.no_exif_transpose,
+        exif_transpose=not args.ignore_exif,
         count=args.count,
         steps=args.steps,
         guidance_scale=args.guidance,
