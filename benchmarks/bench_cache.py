@@ -70,7 +70,9 @@ def bench_clear(rows: int, dim: int, directory: Path) -> None:
     quiet = [d for t, d, _ in puts if t + d < start or t > end]
     during = [d for t, d, _ in puts if t < end and t + d > start]
     lost = sum(1 for _, _, n in puts if n != 10)
-    print(f"clear: {rows:,} rows of {dim} floats, {_human_bytes(before)} on disk ({deleted:,} deleted with the writer's)")
+    print(
+        f"clear: {rows:,} rows of {dim} floats, {_human_bytes(before)} on disk ({deleted:,} deleted with the writer's)"
+    )
     print(f"  writing them:            {fill:8.2f} s")
     print(f"  clear():                 {end - start:8.2f} s   ({(end - start) / fill:.3f} x the writing time)")
     print(f"  size on disk after:      {_human_bytes(after['bytes'])} ({after['entries']} entries: the writer's)")

@@ -13,9 +13,9 @@ forever, printing ``committed <n>`` after each commit; the test kills it with SI
 objects (open, write, close) and two long-lived ones (one reopening now and then, one never), then
 one last batch through each; it appends one JSON line to LOG for every batch ``put_many`` reported
 stored, with the wall-clock time it started. ``clear`` runs ``vlm-tta cache clear --yes`` over and
-over for S seconds, pausing 50 ms between clears; before each clear it reads, through a new cache object, every batch logged
-since the previous clear returned. It prints one JSON line: the number of clears, when the last
-one returned, the rows checked and the rows lost (missing or wrong).
+over for S seconds, pausing 50 ms between clears; before each clear it reads, through a new cache
+object, every batch logged since the previous clear returned. It prints one JSON line: the number
+of clears, when the last one returned, the rows checked and the rows lost (missing or wrong).
 
 The module is loaded from its file so the worker does not import the whole package (torch):
 four of these start at once on two cores.
@@ -168,7 +168,11 @@ def missing_since(cache_mod, args, since: float) -> tuple[int, list[int]]:
     ids = [i for b in logged_batches(args.log) if b["start"] > since for i in range(*b["ids"])]
     with cache_mod.EmbeddingCache(args.dir) as cache:
         got = cache.get_many([key_of(cache_mod, i) for i in ids])
-    good = {i for i in ids if key_of(cache_mod, i) in got and np.array_equal(got[key_of(cache_mod, i)], value_of(i, args.dim))}
+    good = {
+        i
+        for i in ids
+        if key_of(cache_mod, i) in got and np.array_equal(got[key_of(cache_mod, i)], value_of(i, args.dim))
+    }
     return len(ids), [i for i in ids if i not in good]
 
 

@@ -47,11 +47,13 @@ def test_import_package_cache_and_cli_is_light():
     ],
 )
 def test_light_cli_verbs_do_not_import_torch(argv, tmp_path):
+    if argv[0] == "cache":
+        argv = argv + ["--cache-dir", str(tmp_path)]
     out = _run(
         "import contextlib, io\n"
         "from vlm_tta.cli import main\n"
         "buf = io.StringIO()\n"
-        f"with contextlib.redirect_stdout(buf):\n    out['rc'] = main({argv + ['--cache-dir', str(tmp_path)] if argv[0] == 'cache' else argv!r})\n"
+        f"with contextlib.redirect_stdout(buf):\n    out['rc'] = main({argv!r})\n"
         "out['stdout'] = buf.getvalue()"
     )
     assert out["heavy"] == [], out
@@ -79,5 +81,6 @@ def test_public_names_resolve_on_first_use():
     assert vlm_tta.models.load_model is load_model  # a submodule by attribute access, as before
     assert all(getattr(vlm_tta, name) is not None for name in vlm_tta.__all__)
     assert set(vlm_tta.__all__) <= set(dir(vlm_tta))
+    assert set(vlm_tta.__all__) == set(vlm_tta._EXPORTS) | {"__version__"}  # the two lists agree
     with pytest.raises(AttributeError, match="no_such_name"):
         vlm_tta.no_such_name  # noqa: B018

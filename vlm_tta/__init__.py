@@ -35,7 +35,20 @@ _EXPORTS = {
     "list_template_sets": "templates",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "ClassificationResult",
+    "EmbeddingCache",
+    "VlmTtaError",
+    "classify",
+    "classify_features",
+    "create_method",
+    "get_templates",
+    "list_methods",
+    "list_template_sets",
+    "load_model",
+    "register_method",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import ClassificationResult, classify, classify_features
