@@ -334,21 +334,43 @@ def test_single_image_batch_is_predicted_with_the_current_weights_without_an_upd
         method.finish()
 
 
+def _skipped_warnings(run):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if "was skipped" in str(w.message)]
+
+
 def test_non_finite_loss_skips_the_update_with_one_warning(own_openclip, monkeypatch):
     real = st.alignment_loss
     monkeypatch.setattr(st, "alignment_loss", lambda *a: real(*a) * float("nan"))
     before = _state(own_openclip)
     method, store = _setup(own_openclip, adapt_batch_size=4, loss="source")
     samples = [Sample(i, img, store) for i, img in enumerate(_images(8))]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        method.predict_samples(samples[:4])
-        method.predict_samples(samples[4:])
+    messages = _skipped_warnings(lambda: [method.predict_samples(samples[:4]), method.predict_samples(samples[4:])])
     assert all(torch.equal(v, before[k]) for k, v in _state(own_openclip).items())  # no step was taken
-    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
-    assert len(messages) == 1 and "alignment" in messages[0] and "batch 1" in messages[0]
+    assert len(messages) == 1 and "loss is not finite in the alignment step at batch 1" in messages[0]
     method.finish()
     assert method.run_info()["subtta_skipped_steps"] == {"alignment": 2}
+
+
+def test_non_finite_embeddings_skip_both_steps_and_keep_the_covariance(own_openclip, monkeypatch):
+    method, store = _setup(own_openclip, adapt_batch_size=4, loss="tent")
+    samples = [Sample(i, img, store) for i, img in enumerate(_images(4))]
+    before, cov = _state(own_openclip), method._covariance.clone()
+    real = own_openclip._encode_images
+    # NaN embeddings whenever gradients are on (the two adaptation passes), finite for the prediction
+    monkeypatch.setattr(
+        own_openclip, "_encode_images", lambda x: real(x) * (float("nan") if torch.is_grad_enabled() else 1.0)
+    )
+    try:
+        messages = _skipped_warnings(lambda: method.predict_samples(samples))
+    finally:
+        method.finish()
+    assert all(torch.equal(v, before[k]) for k, v in _state(own_openclip).items())
+    assert torch.equal(method._covariance, cov)
+    assert len(messages) == 2 and "embeddings are not finite in the alignment step" in messages[0]
+    assert method.run_info()["subtta_skipped_steps"] == {"alignment": 1, "base loss (tent)": 1}
 
 
 def test_a_model_without_norm_parameters_is_refused_untouched(own_openclip):

@@ -448,18 +448,7 @@ class SubTTA(Method):
             scaler = torch.amp.GradScaler("cuda", init_scale=REFERENCE_GRAD_SCALE)
         with torch.enable_grad():
             if cfg.cov_momentum != 0:
-                features = self._encode(pixels)
-                covariance = update_covariance(self._covariance, features, cfg.cov_momentum)
-                self._covariance = covariance.detach()
-                visual = principal_rows(covariance, int(cfg.remove_first_pc), self._text.rank)
-                loss = alignment_loss(visual, self._text.basis, self._text.rank, cfg.cov_momentum)
-                if cfg.zero_grad_before_align:
-                    self._optimizer.zero_grad()
-                elif scaler is None:  # what the reference's scaler does to the gradient left in .grad
-                    for p in self._params:
-                        if p.grad is not None:
-                            p.grad.div_(REFERENCE_GRAD_SCALE)
-                self._step(loss, "alignment", scaler)
+                self._align(pixels, scaler)
             if cfg.loss == "source":
                 return
             features = self._encode(pixels)
@@ -489,27 +478,51 @@ class SubTTA(Method):
         mean = self._text.mean
         return mean + (F.normalize(features, dim=-1) - mean) @ self._projector
 
+    def _align(self, pixels: torch.Tensor, scaler) -> None:
+        """The alignment step: update the running covariance with this batch and turn its principal
+        subspace towards the text subspace."""
+        cfg = self.config
+        features = self._encode(pixels)
+        if not torch.isfinite(features).all():  # keep the running covariance clean
+            self._skip("alignment", "the image embeddings are not finite")
+            return
+        covariance = update_covariance(self._covariance, features, cfg.cov_momentum)
+        self._covariance = covariance.detach()
+        visual = principal_rows(covariance, int(cfg.remove_first_pc), self._text.rank)
+        loss = alignment_loss(visual, self._text.basis, self._text.rank, cfg.cov_momentum)
+        if cfg.zero_grad_before_align:
+            self._optimizer.zero_grad()
+        elif scaler is None:  # what the reference's GradScaler does to the gradient left in .grad
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.div_(REFERENCE_GRAD_SCALE)
+        self._step(loss, "alignment", scaler)
+
     def _step(self, loss: torch.Tensor, name: str, scaler) -> None:
         """backward + one optimizer step; a non-finite loss or gradient skips the step."""
-        if torch.isfinite(loss.detach()):
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                before = scaler.get_scale()
-                scaler.step(self._optimizer)
-                scaler.update()
-                if scaler.get_scale() >= before:  # the scaler lowers its scale when it skips a step
-                    return
-            else:
-                loss.backward()
-                if all(p.grad is None or torch.isfinite(p.grad).all() for p in self._params):
-                    self._optimizer.step()
-                    return
+        if not torch.isfinite(loss.detach()):
+            return self._skip(name, "the loss is not finite")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(self._optimizer)
+            scaler.update()
+            if scaler.get_scale() < before:  # the scaler lowers its scale when it skips a step
+                self._skip(name, "the gradient is not finite")
+            return
+        loss.backward()
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self._params):
+            return self._skip(name, "the gradient is not finite")
+        self._optimizer.step()
+
+    def _skip(self, name: str, why: str) -> None:
+        """Count a skipped update (and warn about the first of each step)."""
         self._optimizer.zero_grad()
         self._skipped[name] = self._skipped.get(name, 0) + 1
         self._warn_once(
             name,
-            f"SubTTA: non-finite {name} loss or gradient at batch {self._batches + 1}; that update was skipped "
-            "(further skips are counted in result.info['subtta_skipped_steps'])",
+            f"SubTTA: {why} in the {name} step at batch {self._batches + 1}; that update was skipped "
+            "(skips are counted in result.info['subtta_skipped_steps'])",
         )
 
     def _warn_once(self, key: str, message: str) -> None:
