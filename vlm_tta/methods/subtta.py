@@ -58,6 +58,10 @@ Choices where the reference crashes or is silent (documented, tested):
   reference calls ``backward()`` on a constant and fails): the base step is skipped;
 * a non-finite loss or gradient skips that update (the reference's CUDA GradScaler skips steps with
   non-finite gradients silently); one warning names the step, and ``run_info()`` counts the skips.
+  The usual cause is the alignment step early in a stream when B + C - 2 < D (CIFAR-10: 199 + 9 <
+  512): the running covariance is then rank-deficient, its tail singular values can be exactly
+  equal, and the SVD's backward gives NaN. After a skipped step the gradient is cleared (the
+  reference leaves it in ``.grad``, where with ``loss="source"`` it would spoil every later step).
 * the logits are computed in fp32 (the reference's are under fp16 autocast on CUDA).
 
 The adapted parameters are the affine weights and biases of the image encoder's ``nn.LayerNorm``,
@@ -502,17 +506,23 @@ class SubTTA(Method):
         """backward + one optimizer step; a non-finite loss or gradient skips the step."""
         if not torch.isfinite(loss.detach()):
             return self._skip(name, "the loss is not finite")
+        bad_grad = "the gradient is not finite"
+        if name == "alignment":
+            bad_grad += (
+                " (a rank-deficient running covariance, B + C - 2 < D early in a stream, can have repeated singular "
+                "values, for which the SVD's gradient is undefined)"
+            )
         if scaler is not None:
             scaler.scale(loss).backward()
             before = scaler.get_scale()
             scaler.step(self._optimizer)
             scaler.update()
             if scaler.get_scale() < before:  # the scaler lowers its scale when it skips a step
-                self._skip(name, "the gradient is not finite")
+                self._skip(name, bad_grad)
             return
         loss.backward()
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self._params):
-            return self._skip(name, "the gradient is not finite")
+            return self._skip(name, bad_grad)
         self._optimizer.step()
 
     def _skip(self, name: str, why: str) -> None:
