@@ -465,3 +465,12 @@ def test_requires_grad_flags_the_user_set_are_restored(own_openclip):
         assert text_param.requires_grad and text_param.grad is None and not ln.requires_grad
     finally:
         text_param.requires_grad_(False)
+
+
+def test_given_view_tensors_are_adapted_on_like_images(own_openclip):
+    imgs = _images(6, seed=9)
+    views = torch.stack([own_openclip.preprocess(img) for img in imgs])[:, None]  # N x 1 x 3 x H x W
+    options = dict(method="subtta", model=own_openclip, cache=False, adapt_batch_size=3, rank=RANK, lr=0.05)
+    from_images = vlm_tta.classify(imgs, CLASSES, **options)
+    from_views = vlm_tta.classify(views, CLASSES, **options)
+    np.testing.assert_array_equal(from_views.logits, from_images.logits)
