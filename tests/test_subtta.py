@@ -215,35 +215,63 @@ def test_only_the_image_encoders_norm_affine_parameters_are_adapted(own_openclip
     assert len(hf) == 12 and all("norm" in n for n in hf) and not any("text" in n for n in hf)
 
 
-def test_adaptation_changes_only_norm_parameters_and_reset_and_finish_restore_them(own_model):
+def _unchanged(model, before, flags):
+    return (
+        all(torch.equal(v, before[k]) for k, v in _state(model).items())
+        and {n: p.requires_grad for n, p in model.model.named_parameters()} == flags
+        and all(p.grad is None for p in model.model.parameters())
+    )
+
+
+def test_adaptation_changes_only_norm_parameters_and_the_model_is_the_users_between_batches(own_model, monkeypatch):
     model = own_model
     before, fingerprint = _state(model), model.fingerprint
     flags = {n: p.requires_grad for n, p in model.model.named_parameters()}
     method, store = _setup(model, adapt_batch_size=4, lr=1e-2)
     tower_prefix = "visual." if hasattr(model.model, "visual") else "vision_model."
     adapted = {f"{tower_prefix}{n}" for n, _ in st.norm_parameters(st.image_tower(model))}
+    # the weights the prediction pass (the one without gradients) runs with
+    seen, real = [], model._encode_images
+
+    def spy(pixels):
+        if not torch.is_grad_enabled():
+            seen.append(_state(model))
+        return real(pixels)
+
+    monkeypatch.setattr(model, "_encode_images", spy)
     samples = [Sample(i, img, store) for i, img in enumerate(_images(8))]
     cov0 = method._covariance.clone()
     method.predict_samples(samples[:4])
+    assert _unchanged(model, before, flags)  # between two batches the model is the user's own
     method.predict_samples(samples[4:])
-    changed = {k for k, v in model.model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = {k for k, v in seen[-1].items() if not torch.equal(v, before[k])}
     assert changed and changed <= adapted  # something changed, and only LayerNorm weights/biases
-    assert not torch.equal(method._covariance, cov0)
-    assert method._optimizer.state
+    assert _unchanged(model, before, flags)
+    assert not torch.equal(method._covariance, cov0) and method._optimizer.state
 
     cov = method._covariance.clone()
     method.reset()  # weights and optimizer back; the covariance carries over (the reference's reset)
-    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(a, o) for a, o in zip(method._adapted, method._originals))
     assert not method._optimizer.state and torch.equal(method._covariance, cov)
 
     method.predict_samples(samples[:4])
     method.finish()
     method.finish()  # idempotent
-    after = _state(model)
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert _unchanged(model, before, flags)
     assert model.refresh_fingerprint() == fingerprint
-    assert {n: p.requires_grad for n, p in model.model.named_parameters()} == flags
-    assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_an_error_inside_a_batch_gives_the_model_back(own_openclip, monkeypatch):
+    before = _state(own_openclip)
+    flags = {n: p.requires_grad for n, p in own_openclip.model.named_parameters()}
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(st, "mint_loss", broken)  # after the alignment step has changed the weights
+    with pytest.raises(RuntimeError, match="boom"):
+        vlm_tta.classify(_images(4), CLASSES, method="subtta", model=own_openclip, cache=False, adapt_batch_size=4)
+    assert _unchanged(own_openclip, before, flags)
 
 
 def test_reset_covariance_option_restarts_from_the_text_covariance(own_openclip):
@@ -311,7 +339,7 @@ def test_alignment_step_carries_the_previous_gradient_at_2_to_the_minus_16(own_o
     samples = [Sample(i, img, store) for i, img in enumerate(_images(8))]
     try:
         method.predict_samples(samples[:4])
-        previous = [p.grad.clone() for p in method._params]
+        previous = [g.clone() for g in method._grads]
         real = st.alignment_loss
         monkeypatch.setattr(st, "alignment_loss", lambda *a: real(*a) * 0.0)  # this batch adds a zero gradient
         seen = []
@@ -346,15 +374,16 @@ def test_single_image_batch_is_predicted_with_the_current_weights_without_an_upd
     samples = [Sample(i, img, store) for i, img in enumerate(_images(5, seed=5))]
     try:
         method.predict_samples(samples[:4])
-        adapted, cov = _state(own_openclip), method._covariance.clone()
-        with torch.no_grad():
+        adapted, cov = [w.clone() for w in method._adapted], method._covariance.clone()
+        assert not all(torch.equal(a, o) for a, o in zip(adapted, method._originals))
+        with method._adapted_backbone(), torch.no_grad():  # the adapted model, as a plain forward
             expected = own_openclip.logits(
                 F.normalize(own_openclip.model.encode_image(_pixels(samples[4:])), dim=-1),
                 method.ctx.class_features,
             )
         with pytest.warns(RuntimeWarning, match="batch of 1 image"):
             (pred,) = method.predict_samples(samples[4:])
-        assert all(torch.equal(v, adapted[k]) for k, v in _state(own_openclip).items())
+        assert all(torch.equal(a, b) for a, b in zip(method._adapted, adapted))
         assert torch.equal(method._covariance, cov)
         torch.testing.assert_close(pred.logits, expected[0])
         assert pred.score == pytest.approx(float(expected[0].softmax(-1).max()))
@@ -372,11 +401,10 @@ def _skipped_warnings(run):
 def test_non_finite_loss_skips_the_update_with_one_warning(own_openclip, monkeypatch):
     real = st.alignment_loss
     monkeypatch.setattr(st, "alignment_loss", lambda *a: real(*a) * float("nan"))
-    before = _state(own_openclip)
     method, store = _setup(own_openclip, adapt_batch_size=4, loss="source")
     samples = [Sample(i, img, store) for i, img in enumerate(_images(8))]
     messages = _skipped_warnings(lambda: [method.predict_samples(samples[:4]), method.predict_samples(samples[4:])])
-    assert all(torch.equal(v, before[k]) for k, v in _state(own_openclip).items())  # no step was taken
+    assert all(torch.equal(a, o) for a, o in zip(method._adapted, method._originals))  # no step was taken
     assert len(messages) == 1 and "loss is not finite in the alignment step at batch 1" in messages[0]
     method.finish()
     assert method.run_info()["subtta_skipped_steps"] == {"alignment": 2}
@@ -385,7 +413,7 @@ def test_non_finite_loss_skips_the_update_with_one_warning(own_openclip, monkeyp
 def test_non_finite_embeddings_skip_both_steps_and_keep_the_covariance(own_openclip, monkeypatch):
     method, store = _setup(own_openclip, adapt_batch_size=4, loss="tent")
     samples = [Sample(i, img, store) for i, img in enumerate(_images(4))]
-    before, cov = _state(own_openclip), method._covariance.clone()
+    cov = method._covariance.clone()
     real = own_openclip._encode_images
     # NaN embeddings whenever gradients are on (the two adaptation passes), finite for the prediction
     monkeypatch.setattr(
@@ -393,9 +421,9 @@ def test_non_finite_embeddings_skip_both_steps_and_keep_the_covariance(own_openc
     )
     try:
         messages = _skipped_warnings(lambda: method.predict_samples(samples))
+        assert all(torch.equal(a, o) for a, o in zip(method._adapted, method._originals))
     finally:
         method.finish()
-    assert all(torch.equal(v, before[k]) for k, v in _state(own_openclip).items())
     assert torch.equal(method._covariance, cov)
     assert len(messages) == 2 and "embeddings are not finite in the alignment step" in messages[0]
     assert method.run_info()["subtta_skipped_steps"] == {"alignment": 1, "base loss (tent)": 1}
@@ -474,3 +502,20 @@ def test_given_view_tensors_are_adapted_on_like_images(own_openclip):
     from_images = vlm_tta.classify(imgs, CLASSES, **options)
     from_views = vlm_tta.classify(views, CLASSES, **options)
     np.testing.assert_array_equal(from_views.logits, from_images.logits)
+
+
+def test_one_pass_with_a_feature_level_method_leaves_its_embeddings_alone(own_openclip, tmp_path):
+    from vlm_tta.cache import EmbeddingCache
+    from vlm_tta.engine import run_stream
+
+    imgs = _images(8, seed=10)
+    alone = vlm_tta.classify(imgs, CLASSES, model=own_openclip, cache=False)
+    store = FeatureStore(own_openclip, EmbeddingCache(tmp_path))
+    ctx = MethodContext(store.class_features(CLASSES), own_openclip.logit_scale, None, CLASSES, own_openclip, store)
+    subtta = create_method("subtta", adapt_batch_size=4, rank=RANK, lr=0.05)
+    adapted, zero_shot = run_stream(
+        [(subtta, ctx), (create_method("zeroshot"), ctx)], store, imgs, ["x"] * 8, batch_size=4
+    )
+    # the second chunk's embeddings were encoded after SubTTA's first batch, with the user's weights
+    np.testing.assert_allclose(torch.stack([p.logits for p in zero_shot.predictions]).numpy(), alone.logits, atol=1e-5)
+    assert subtta.run_info()["subtta_batches"] == 2

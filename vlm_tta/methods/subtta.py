@@ -21,10 +21,13 @@ Per batch of B images (the loop cuts the stream into batches of ``adapt_batch_si
    pseudo-class means, BATCLIP's inter-class term) or ``tent`` (entropy, see the quirks).
 4. **Prediction**: the ordinary logits of the adapted model on the (un-projected) batch.
 
-The backbone's weights change during the stream and are restored exactly by :meth:`SubTTA.finish`
-(the loop calls it when the stream ends, also on errors); :meth:`SubTTA.reset` restores them, with a
-fresh optimizer, between domains. Features are computed by the backbone itself and never go through
-the shared embedding cache (whose keys name the original weights).
+SubTTA keeps its adapted weights itself and loads them into the backbone only while it handles a
+batch: before :meth:`SubTTA.predict_samples` returns, the user's weights, ``requires_grad`` flags
+and ``.grad`` are back, so other methods fed by the same pass, and the shared embedding cache (whose
+keys name the original weights), never see the adapted model; :meth:`SubTTA.finish` (called by the
+loop when the stream ends, also on errors) makes sure of it after an interrupted batch.
+:meth:`SubTTA.reset` returns to the original weights with a fresh optimizer, between domains. Its
+features come from the backbone itself, never through the cache.
 
 Reference code: github.com/zhichenz98/SubTTA_EMNLP26 (``classification/methods/subtta.py``, the
 ``cfgs/*/subtta.yaml`` configs, ``methods/base.py``). Quirks reproduced by default, each with the
@@ -73,6 +76,7 @@ would be a different method.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -373,12 +377,9 @@ class SubTTA(Method):
         self.ctx = ctx
         self._params = [p for _, p in named]
         self._n_adapted = sum(p.numel() for p in self._params)
-        # The user's model as it was: the adapted weights, every requires_grad flag and .grad.
+        # The user's model as it is: the weights SubTTA adapts, every requires_grad flag and .grad.
         self._originals = [p.detach().clone() for p in self._params]
         self._saved_flags = [(p, p.requires_grad, p.grad) for p in model.model.parameters()]
-        model.model.requires_grad_(False)
-        for p in self._params:
-            p.requires_grad_(True)
         self._covariance = None  # a new stream starts from the text covariance (created in reset)
         self.reset()
 
@@ -386,10 +387,8 @@ class SubTTA(Method):
         """The reference's per-domain reset: the original weights and a fresh optimizer; the running
         covariance is kept (``reset_covariance=True`` restarts it from the text covariance)."""
         cfg = self.config
-        with torch.no_grad():
-            for p, orig in zip(self._params, self._originals):
-                p.copy_(orig)
-                p.grad = None
+        self._adapted = [w.clone() for w in self._originals]  # the weights SubTTA has learnt so far
+        self._grads: list[torch.Tensor | None] = [None] * len(self._params)  # their .grad between batches
         opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self._optimizer = opt(self._params, lr=cfg.lr, betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay)
         if self._covariance is None or cfg.reset_covariance:
@@ -398,17 +397,40 @@ class SubTTA(Method):
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
 
-    def finish(self) -> None:
-        """Give the user's model back exactly: original weights, ``requires_grad`` flags and ``.grad``."""
-        if getattr(self, "_params", None) is None:
-            return
+    @contextlib.contextmanager
+    def _adapted_backbone(self):
+        """The backbone holds SubTTA's weights (with gradients on them only) inside this block and the
+        user's own weights, flags and gradients outside it, so between two batches the model can be
+        used by anyone (other methods of one pass, the cache)."""
+        self.ctx.model.model.requires_grad_(False)
         with torch.no_grad():
-            for p, orig in zip(self._params, self._originals):
-                p.copy_(orig)
+            for p, w, g in zip(self._params, self._adapted, self._grads):
+                p.copy_(w)
+                p.grad = g
+                p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for i, p in enumerate(self._params):
+                    self._adapted[i].copy_(p)
+                    self._grads[i] = p.grad
+            self._give_back()
+
+    def _give_back(self) -> None:
+        with torch.no_grad():
+            for p, w in zip(self._params, self._originals):
+                p.copy_(w)
         for p, flag, grad in self._saved_flags:
             p.requires_grad_(flag)
             p.grad = grad
-        self._params = self._originals = self._saved_flags = self._optimizer = None
+
+    def finish(self) -> None:
+        """Make sure the user's model is exactly as before: weights, ``requires_grad`` flags, ``.grad``."""
+        if getattr(self, "_params", None) is None:
+            return
+        self._give_back()
+        self._params = self._originals = self._saved_flags = self._optimizer = self._adapted = self._grads = None
 
     def run_info(self) -> dict:
         return {
@@ -428,17 +450,18 @@ class SubTTA(Method):
         if getattr(self, "_params", None) is None:
             raise RuntimeError("SubTTA.predict_samples called before setup() or after finish()")
         pixels = torch.cat([s.views(ORIGINAL) for s in samples]).to(self._device)
-        if len(samples) < 2:
-            self._warn_once(
-                "single",
-                "SubTTA: a batch of 1 image has no covariance; it is predicted with the current weights and "
-                "no update (only the stream's last batch can be this small)",
-            )
-        else:
-            self._adapt(pixels)
-            self._batches += 1
-        with torch.no_grad():
-            logits = self.ctx.logits(F.normalize(self._encode(pixels), dim=-1).cpu())
+        with self._adapted_backbone():
+            if len(samples) < 2:
+                self._warn_once(
+                    "single",
+                    "SubTTA: a batch of 1 image has no covariance; it is predicted with the current weights and "
+                    "no update (only the stream's last batch can be this small)",
+                )
+            else:
+                self._adapt(pixels)
+                self._batches += 1
+            with torch.no_grad():
+                logits = self.ctx.logits(F.normalize(self._encode(pixels), dim=-1).cpu())
         probs = logits.softmax(-1)
         return [Prediction(logits[i], float(probs[i].max())) for i in range(len(logits))]
 
