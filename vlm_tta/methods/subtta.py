@@ -36,8 +36,8 @@ option that corrects it:
 * The rank is k = min(C - 1, ``rank``) although the centred text embeddings span only C - 1
   directions of which the first is dropped: with few classes (CIFAR-10: k = 9 of 8 real directions)
   the last basis vector lies outside that span, in a direction the SVD picks arbitrarily (this happens
-  whenever C <= ``rank`` + 1; ``run_info()`` counts such rows). ``rank_within_text_span=True`` caps k
-  at the number of real directions.
+  whenever C <= ``rank`` + 1 and C <= D; ``run_info()`` counts such rows).
+  ``rank_within_text_span=True`` caps k at the number of real directions.
 * The projector P_T, built from *centred* text embeddings, is applied to the raw, un-centred image
   embeddings (``projection="linear"``). ``projection="affine"`` projects the L2-normalised embedding
   onto the affine text subspace instead: mu_T + (x - mu_T) P_T, with mu_T the class-embedding mean.
