@@ -156,9 +156,8 @@ def ntta_accuracies(pred: Any, labels: Any, noisy_pred: Any, noisy_true: Any) ->
     noisy_true = _vector(noisy_true, "noisy_true", bool)
     n = len(pred)
     if not (len(labels) == len(noisy_pred) == len(noisy_true) == n):
-        raise ValueError(
-            f"lengths differ: pred {n}, labels {len(labels)}, noisy_pred {len(noisy_pred)}, noisy_true {len(noisy_true)}"
-        )
+        lengths = f"pred {n}, labels {len(labels)}, noisy_pred {len(noisy_pred)}, noisy_true {len(noisy_true)}"
+        raise ValueError(f"lengths differ: {lengths}")
     if n == 0:
         raise ValueError("ntta_accuracies needs at least one sample")
     clean = ~noisy_true
@@ -197,7 +196,9 @@ def _indices(pred: Any, what: str) -> np.ndarray:
         return arr.argmax(1).astype(np.int64)
     if arr.ndim == 1 and (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
         return arr.astype(np.int64)
-    raise ValueError(f"{what} must be class indices (N, integers) or logits (N x C); got shape {arr.shape}, dtype {arr.dtype}")
+    raise ValueError(
+        f"{what} must be class indices (N, integers) or logits (N x C); got shape {arr.shape}, dtype {arr.dtype}"
+    )
 
 
 def top1_accuracy(pred: Any, labels: Any) -> float:
