@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import MethodOptionError
@@ -92,7 +93,7 @@ OTSU_GRID = torch.arange(100, dtype=torch.float64) * 0.01
 
 
 def otsu_threshold(
-    scores: torch.Tensor | Sequence[float], grid: torch.Tensor | None = None, no_split: float | None = None
+    scores: torch.Tensor | np.ndarray | Sequence[float], grid: torch.Tensor | None = None, no_split: float | None = None
 ) -> float:
     """Otsu's threshold of 1-D ``scores``: the grid value minimising the weighted within-group
     variance ``w0 var0 + w1 var1`` of the groups ``{s < th}`` and ``{s >= th}``.
@@ -104,29 +105,32 @@ def otsu_threshold(
     replaces that value, e.g. ``math.inf`` to flag nothing). Callers flag ``s > threshold`` (strictly
     greater, as the reference does) as noisy / out-of-distribution.
     """
-    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    if not torch.isfinite(s).all():
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    if not np.isfinite(s).all():
         raise ValueError("otsu_threshold: the scores contain NaN or infinite values")
-    g = OTSU_GRID if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+    g = (OTSU_GRID if grid is None else torch.as_tensor(grid, dtype=torch.float64)).numpy().reshape(-1)
     if len(g) == 0:
         raise ValueError("otsu_threshold: the threshold grid is empty")
-    if len(s) == 0:
+    n = len(s)
+    if n == 0:
         return float(g[0]) if no_split is None else no_split
     # Group 0 = {s < th}: its size is a searchsorted count on the sorted scores, its sums prefix sums
     # of the scores centred on their mean (variance = E[c^2] - E[c]^2, accurate once centred).
-    c, _ = torch.sort(s - s.mean())
-    n = len(c)
-    s1 = torch.cat([c.new_zeros(1), torch.cumsum(c, 0)])
-    s2 = torch.cat([c.new_zeros(1), torch.cumsum(c * c, 0)])
-    n0 = torch.searchsorted(torch.sort(s).values, g, side="left")  # scores below each threshold
+    c = s - s.mean()
+    s1 = np.concatenate([[0.0], np.cumsum(c)])
+    s2 = np.concatenate([[0.0], np.cumsum(c * c)])
+    n0 = np.searchsorted(s, g, side="left")
     n1 = n - n0
+    d0, d1 = np.maximum(n0, 1), np.maximum(n1, 1)
+    var0 = s2[n0] / d0 - (s1[n0] / d0) ** 2
+    var1 = (s2[n] - s2[n0]) / d1 - ((s1[n] - s1[n0]) / d1) ** 2
     w1 = n1 / n
-    var0 = s2[n0] / n0.clamp(min=1) - (s1[n0] / n0.clamp(min=1)) ** 2
-    var1 = (s2[n] - s2[n0]) / n1.clamp(min=1) - ((s1[n] - s1[n0]) / n1.clamp(min=1)) ** 2
     criteria = (1 - w1) * var0 + w1 * var1  # the reference's weights: w1 = n1 / n, w0 = 1 - w1
-    criteria[(n0 == 0) | (n1 == 0)] = math.inf
-    best = int(torch.argmin(criteria))  # the first of equal minima
-    return no_split if no_split is not None and math.isinf(criteria[best]) else float(g[best])
+    criteria[(n0 == 0) | (n1 == 0)] = np.inf
+    best = int(np.argmin(criteria))  # the first of equal minima
+    return no_split if no_split is not None and np.isinf(criteria[best]) else float(g[best])
 
 
 class OtsuQueue:
@@ -139,12 +143,14 @@ class OtsuQueue:
             raise ValueError(f"queue length must be >= 1; got {length}")
         self.length = length
         self.fixed = fixed
-        self.scores = torch.zeros(0, dtype=torch.float64)
+        self.scores = np.zeros(0, dtype=np.float64)
 
-    def push(self, scores: torch.Tensor) -> None:
+    def push(self, scores: torch.Tensor | np.ndarray) -> None:
         """Append scores (oldest first) and keep the last ``length``."""
-        new = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-        self.scores = torch.cat([self.scores, new])[-self.length :]
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu().numpy()
+        new = np.asarray(scores, dtype=np.float64).reshape(-1)
+        self.scores = np.concatenate([self.scores, new])[-self.length :]
 
     def threshold(self, no_split: float | None = None) -> float:
         """The fixed threshold, or Otsu's over the queue (``no_split``: see :func:`otsu_threshold`)."""
