@@ -293,6 +293,8 @@ def test_noise_images_follow_the_reference_recipe(kind):
         {"fixed_threshold": 2.0},
         {"queue_length": 0},
         {"warmup_updates": -1},
+        {"fix_first_sample": "no"},
+        {"fixed_threshold": "0.5"},
     ],
 )
 def test_bad_options(option):
@@ -342,7 +344,7 @@ def test_detector_init_from_a_file(tmp_path):
     feats, cls = _stream(10)
     weight, bias = torch.randn(2, D), torch.randn(2)
     save_file({"fc.weight": weight, "fc.bias": bias}, tmp_path / "det.safetensors")  # the reference's OODDetector keys
-    _, preds = _run(feats, cls, batch_size=10, score="detector", detector_init=str(tmp_path / "det.safetensors"))
+    _, preds = _run(feats, cls, batch_size=10, score="detector", detector_init=tmp_path / "det.safetensors")
     torch.testing.assert_close(_scores(preds), (feats @ weight.T + bias).softmax(-1)[:, 1], rtol=0, atol=1e-6)
     torch.save({"weight": torch.randn(2, D + 1), "bias": bias}, tmp_path / "det.pt")
     with pytest.raises(MethodOptionError, match="expected weight 2 x 16"):

@@ -60,6 +60,7 @@ fp16 autocast (everything here is fp32).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class AdaNDConfig:
             low = 0 if name == "warmup_updates" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise MethodOptionError(f"{name} must be an integer >= {low}; got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise MethodOptionError(f"lr must be a positive number; got {self.lr!r}")
         if not (isinstance(self.noise_rate, (int, float)) and 0 <= self.noise_rate < math.inf):
             raise MethodOptionError(f"noise_rate must be a number >= 0 (0 injects no noise); got {self.noise_rate!r}")
@@ -117,8 +118,16 @@ class AdaNDConfig:
             raise MethodOptionError(f"noise_type must be one of {', '.join(NOISE_TYPES)}; got {self.noise_type!r}")
         if self.score not in SCORES:
             raise MethodOptionError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}")
-        if self.fixed_threshold is not None and not 0 <= self.fixed_threshold <= 1:
+        t = self.fixed_threshold
+        if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
             raise MethodOptionError(f"fixed_threshold must be in [0, 1] or None (Otsu); got {self.fixed_threshold!r}")
+        for name in ("noise_in_queues", "fix_first_sample"):
+            if not isinstance(getattr(self, name), bool):
+                raise MethodOptionError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        if isinstance(self.detector_init, os.PathLike):
+            self.detector_init = os.fspath(self.detector_init)
+        if self.detector_init is not None and not isinstance(self.detector_init, str):
+            raise MethodOptionError(f"detector_init must be a file path or None; got {self.detector_init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MethodOptionError(f"seed must be an integer; got {self.seed!r}")
 
