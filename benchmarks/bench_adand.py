@@ -62,7 +62,7 @@ def main() -> None:
     t_zs, _ = run("zeroshot", feats, cls, {})
     t_ad, preds = run("adand", feats, cls, extras)
     n1 = min(args.batch1_images, args.images)
-    t_ad1, _ = run("adand", feats[:n1], cls, extras, batch_size=1)
+    t_ad1, _ = run("adand", feats[:n1], cls, extras, tta_batch_size=1)
     t_zs1, _ = run("zeroshot", feats[:n1], cls, {}, score="msp")
     rows = [
         ("zeroshot (chunks of 128)", args.images, t_zs),
