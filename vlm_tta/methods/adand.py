@@ -209,7 +209,7 @@ class AdaND(Method):
         if self._decided_from is None and decided.any():
             self._decided_from = first_row + int(decided.nonzero()[0])
         noisy = noisy | from_caller  # the caller's noise rows are always reported noisy
-        return [Prediction(logits[i], float(scores[i]), bool(noisy[i])) for i in range(n)]
+        return [Prediction(lg, sc, ns) for lg, sc, ns in zip(logits.unbind(0), scores.tolist(), noisy.tolist())]
 
     def _run_step(self, raw: torch.Tensor, is_noise: torch.Tensor):
         """One detector step on k rows (a batch, or one sample at batch size 1): the zero-shot mask,
