@@ -323,14 +323,14 @@ class AdaND(Method):
     def finish(self) -> None:
         if self._rows and self._decided_from is None:
             cfg = self.config
-            need = (
-                f"{cfg.warmup_updates * cfg.batch1_window + 1} samples"
-                if cfg.tta_batch_size == 1
-                else f"{cfg.warmup_updates + 1} batches of {cfg.tta_batch_size}"
-            )
+            if cfg.tta_batch_size == 1:
+                first = cfg.warmup_updates * cfg.batch1_window + (0 if cfg.fix_first_sample else 1)
+                need = f"sample {first + 1}"
+            else:
+                need = f"batch {cfg.warmup_updates + 2} of {cfg.tta_batch_size}"
             warnings.warn(
-                f"AdaND: the stream ended after {self._rows} rows, before the detector's warm-up ({need}, noise "
-                "included): every noisy decision came from the zero-shot score and Otsu's threshold",
+                f"AdaND: the stream ended after {self._rows} rows, before the detector's first decision ({need}, "
+                "injected noise included): every noisy decision came from the zero-shot score and Otsu's threshold",
                 stacklevel=2,
             )
         if self._injected is not None and self._rows != len(self._injected):
@@ -342,7 +342,7 @@ class AdaND(Method):
     def run_info(self) -> dict:
         return {
             "detector_updates": self.updates,
-            # first stream row whose noisy decision came from the detector (None: it never decided)
+            # first result row whose noisy decision came from the detector (None: it never decided)
             "detector_decides_from_row": self._decided_from,
             # noise rows AdaND injected itself (trained as noisy, not in the result)
             "noise_injected": self._noise_added,
