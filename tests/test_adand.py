@@ -331,11 +331,11 @@ def test_input_errors():
 def test_warns_when_the_stream_ends_before_the_warm_up():
     feats, cls = _stream(200)
     method, _ = _run(feats, cls)  # 2 batches of 128: the detector never decided
-    with pytest.warns(UserWarning, match=r"before the detector's first decision \(batch 12 of 128"):
+    with pytest.warns(UserWarning, match=r"before the detector's first decision \(it decides from batch 11 of 128"):
         method.finish()
     assert method.run_info()["detector_decides_from_row"] is None
     method, _ = _run(feats[:20], cls, tta_batch_size=1)
-    with pytest.warns(UserWarning, match=r"\(sample 642,"):  # samples are counted from 1 here
+    with pytest.warns(UserWarning, match=r"from sample 641, counting from 0"):
         method.finish()
     method, _ = _run(feats, cls, tta_batch_size=8, warmup_updates=2)
     with warnings.catch_warnings():

@@ -325,9 +325,9 @@ class AdaND(Method):
             cfg = self.config
             if cfg.tta_batch_size == 1:
                 first = cfg.warmup_updates * cfg.batch1_window + (0 if cfg.fix_first_sample else 1)
-                need = f"sample {first + 1}"
+                need = f"it decides from sample {first}, counting from 0"
             else:
-                need = f"batch {cfg.warmup_updates + 2} of {cfg.tta_batch_size}"
+                need = f"it decides from batch {cfg.warmup_updates + 1} of {cfg.tta_batch_size}, counting from 0"
             warnings.warn(
                 f"AdaND: the stream ended after {self._rows} rows, before the detector's first decision ({need}, "
                 "injected noise included): every noisy decision came from the zero-shot score and Otsu's threshold",
