@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_datasets_parser(sub)
+    from .diffusion import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
