@@ -59,7 +59,7 @@ def main() -> None:
     t_zs, _ = run("zeroshot", feats, cls)
     t_ad, res = run("adand", feats, cls, noise_features=noise)
     n1 = min(args.batch1_images, args.images)
-    t_ad1, _ = run("adand", feats[:n1], cls, noise_features=noise, tta_batch_size=1)
+    t_ad1, _ = run("adand", feats[:n1], cls, noise_features=noise, adapt_batch_size=1)
     t_zs1, _ = run("zeroshot", feats[:n1], cls)
     rows = [
         ("zeroshot (chunks of 128)", args.images, t_zs),

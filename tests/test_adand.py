@@ -119,14 +119,14 @@ def test_switch_over_at_batch_128():
 
 def test_switch_over_at_batch_1():
     feats, cls = _stream(700)
-    method, preds = _run(feats, cls, tta_batch_size=1)
+    method, preds = _run(feats, cls, adapt_batch_size=1)
     # trained at samples 64, 128, ..., 640 (10 updates); decides when sample > 10 x 64
     assert method.run_info()["detector_decides_from_row"] == 641 and method.updates == 10
     zs_flags = otsu_noisy_flags(_zs_ood(feats, cls), batch_size=1)
     np.testing.assert_array_equal(_noisy(preds)[:641], zs_flags[:641])
     assert zs_flags[0]  # the reference's first sample: Otsu on one score gives 0, so it is flagged
 
-    fixed, preds = _run(feats, cls, tta_batch_size=1, fix_first_sample=True)
+    fixed, preds = _run(feats, cls, adapt_batch_size=1, fix_first_sample=True)
     # trained after samples 63, 127, ..., 639 (10 updates); decides from sample 640
     assert fixed.run_info()["detector_decides_from_row"] == 640 and fixed.updates == 10
     assert not _noisy(preds)[0]  # a queue no threshold splits flags nothing
@@ -138,7 +138,7 @@ def test_batch_1_trains_on_the_reference_window(fix_first_sample):
     feats, cls = _stream(65)
     feats[:, 0] = 0.0
     feats[0, 0] = 5.0  # coordinate 0 is sample 0's alone: its detector weights move only if sample 0 trains
-    method, _ = _run(feats, cls, tta_batch_size=1, fix_first_sample=fix_first_sample)
+    method, _ = _run(feats, cls, adapt_batch_size=1, fix_first_sample=fix_first_sample)
     assert method.updates == 1
     # reference: at sample 64 on the 64-long queue = samples 1..64 (sample 0 fell out); fixed: 0..63
     window = slice(0, 64) if fix_first_sample else slice(1, 65)
@@ -156,7 +156,7 @@ def test_batch_update_uses_zero_shot_labels_and_caller_noise():
     feats, cls = _stream(8, seed=3)
     injected = torch.zeros(8, dtype=torch.bool)
     injected[[1, 5]] = True
-    method, preds = _run(feats, cls, extras={"injected_noise": injected}, tta_batch_size=8)
+    method, preds = _run(feats, cls, extras={"injected_noise": injected}, adapt_batch_size=8)
     zs = _zs_ood(feats, cls)
     noisy = (zs > otsu_threshold(zs)) | injected  # noise rows always trained as noisy
     expected = _adam_first_step(_initial_detector(), feats, noisy)
@@ -169,7 +169,7 @@ def test_batch_update_uses_zero_shot_labels_and_caller_noise():
 def test_self_injected_noise_is_trained_as_noisy():
     feats, cls = _stream(4, seed=4)
     pool = torch.randn(50, D) * 5
-    method, preds = _run(feats, cls, extras={"noise_features": pool}, tta_batch_size=4, noise_rate=1.0)
+    method, preds = _run(feats, cls, extras={"noise_features": pool}, adapt_batch_size=4, noise_rate=1.0)
     k = method.run_info()["noise_injected"]
     assert k > 0 and len(preds) == 4  # injected rows are not in the result
     mixed = torch.cat([feats, pool[:k]])  # taken from the pool in order; order in a batch is irrelevant
@@ -181,7 +181,7 @@ def test_self_injected_noise_is_trained_as_noisy():
 
 def test_decisions_use_the_detector_from_before_the_batch_update():
     feats, cls = _stream(16, seed=5)
-    method = AdaND(tta_batch_size=8, warmup_updates=0, noise_rate=0.0)
+    method = AdaND(adapt_batch_size=8, warmup_updates=0, noise_rate=0.0)
     method.setup(MethodContext(cls, 100.0))
     method.predict_batch(feats[:8, None])  # batch 0: zero-shot decides, detector trains
     before = copy.deepcopy(method.detector)
@@ -208,25 +208,25 @@ def test_noise_kept_out_of_the_queues_on_request():
     without = (zs > otsu_threshold(zs[~injected])).numpy()
     clean = ~injected.numpy()
     assert (with_noise[clean] != without[clean]).any()  # the option matters here
-    _, preds = _run(feats, cls, extras={"injected_noise": injected}, tta_batch_size=8)
+    _, preds = _run(feats, cls, extras={"injected_noise": injected}, adapt_batch_size=8)
     np.testing.assert_array_equal(_noisy(preds)[clean], with_noise[clean])
-    _, preds = _run(feats, cls, extras={"injected_noise": injected}, tta_batch_size=8, noise_in_queues=False)
+    _, preds = _run(feats, cls, extras={"injected_noise": injected}, adapt_batch_size=8, noise_in_queues=False)
     np.testing.assert_array_equal(_noisy(preds)[clean], without[clean])
 
 
 def test_score_options_and_seeded_init():
     feats, cls = _stream(20, seed=7)
-    _, preds = _run(feats, cls, tta_batch_size=10, score="detector", seed=3)
+    _, preds = _run(feats, cls, adapt_batch_size=10, score="detector", seed=3)
     with torch.no_grad():
         first = _initial_detector(seed=3)(feats[:10]).softmax(-1)[:, 1]
     torch.testing.assert_close(_scores(preds)[:10], first, rtol=0, atol=0)
-    _, preds = _run(feats, cls, tta_batch_size=10, score="msp", warmup_updates=0)
+    _, preds = _run(feats, cls, adapt_batch_size=10, score="msp", warmup_updates=0)
     torch.testing.assert_close(_scores(preds), (1 - _zs_ood(feats, cls)), rtol=0, atol=1e-6)
 
 
 def test_fixed_threshold():
     feats, cls = _stream(10, seed=8)
-    _, preds = _run(feats, cls, tta_batch_size=10, fixed_threshold=0.5)
+    _, preds = _run(feats, cls, adapt_batch_size=10, fixed_threshold=0.5)
     np.testing.assert_array_equal(_noisy(preds), (_zs_ood(feats, cls) > 0.5).numpy())
 
 
@@ -250,7 +250,7 @@ def test_injected_noise_rate_and_repeatability():
 def test_results_do_not_depend_on_how_the_stream_is_cut():
     feats, cls = _stream(300, seed=10)
     pool = torch.randn(64, D) * 4
-    kw = dict(extras={"noise_features": pool}, noise_rate=0.125, tta_batch_size=16, warmup_updates=3)
+    kw = dict(extras={"noise_features": pool}, noise_rate=0.125, adapt_batch_size=16, warmup_updates=3)
     m_all, whole = _run(feats, cls, **kw)  # one call: AdaND cuts it into its own batches of 16
     m_cut, cut = _run(feats, cls, calls=16, **kw)  # what the stream loop does (stream_batch_size)
     assert m_all.stream_batch_size() == 16
@@ -287,7 +287,7 @@ def test_noise_images_follow_the_reference_recipe(kind):
 @pytest.mark.parametrize(
     "option",
     [
-        {"tta_batch_size": 0},
+        {"adapt_batch_size": 0},
         {"lr": -1.0},
         {"noise_rate": -0.1},
         {"noise_type": "pink"},
@@ -334,10 +334,10 @@ def test_warns_when_the_stream_ends_before_the_warm_up():
     with pytest.warns(UserWarning, match=r"before the detector's first decision \(it decides from batch 11 of 128"):
         method.finish()
     assert method.run_info()["detector_decides_from_row"] is None
-    method, _ = _run(feats[:20], cls, tta_batch_size=1)
+    method, _ = _run(feats[:20], cls, adapt_batch_size=1)
     with pytest.warns(UserWarning, match=r"from sample 641, counting from 0"):
         method.finish()
-    method, _ = _run(feats, cls, tta_batch_size=8, warmup_updates=2)
+    method, _ = _run(feats, cls, adapt_batch_size=8, warmup_updates=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         method.finish()
@@ -349,7 +349,7 @@ def test_detector_init_from_a_file(tmp_path):
     feats, cls = _stream(10)
     weight, bias = torch.randn(2, D), torch.randn(2)
     save_file({"fc.weight": weight, "fc.bias": bias}, tmp_path / "det.safetensors")  # the reference's OODDetector keys
-    _, preds = _run(feats, cls, tta_batch_size=10, score="detector", detector_init=tmp_path / "det.safetensors")
+    _, preds = _run(feats, cls, adapt_batch_size=10, score="detector", detector_init=tmp_path / "det.safetensors")
     torch.testing.assert_close(_scores(preds), (feats @ weight.T + bias).softmax(-1)[:, 1], rtol=0, atol=1e-6)
     torch.save({"weight": torch.randn(2, D + 1), "bias": bias}, tmp_path / "det.pt")
     with pytest.raises(MethodOptionError, match="expected weight 2 x 16"):
@@ -361,7 +361,7 @@ def test_classify_features_with_caller_noise_rows():
     feats, cls = _stream(40, seed=11)
     injected = np.zeros(40, dtype=bool)
     injected[[2, 17, 30]] = True
-    opts = dict(tta_batch_size=8, warmup_updates=1)
+    opts = dict(adapt_batch_size=8, warmup_updates=1)
     res = vlm_tta.classify_features(feats, cls, method="adand", injected_noise=injected, batch_size=7, **opts)
     assert len(res) == 40 and res.noisy.dtype == bool and res.noisy[[2, 17, 30]].all()
     assert res.info["injected_noise_rows"] == [2, 17, 30] and res.info["detector_decides_from_row"] == 16
@@ -373,7 +373,7 @@ def test_classify_features_with_caller_noise_rows():
 def test_classify_features_with_noise_embeddings_ignores_the_callers_batch_size():
     feats, cls = _stream(90, seed=12)
     noise = torch.randn(30, D) * 4
-    opts = dict(method="adand", noise_features=noise, tta_batch_size=16, warmup_updates=2)
+    opts = dict(method="adand", noise_features=noise, adapt_batch_size=16, warmup_updates=2)
     runs = [vlm_tta.classify_features(feats, cls, batch_size=b, **opts) for b in (5, 64)]
     np.testing.assert_array_equal(runs[0].noisy, runs[1].noisy)
     np.testing.assert_array_equal(runs[0].scores, runs[1].scores)
@@ -388,7 +388,7 @@ def test_classify_on_images_encodes_noise_through_the_cache(tiny_openclip, tmp_p
     classes = ["cat", "dog", "bird"]
     calls = encoder_call_counter(tiny_openclip)
     kw = dict(
-        method="adand", model=tiny_openclip, cache_dir=tmp_path, tta_batch_size=4, warmup_updates=1, noise_rate=0.25
+        method="adand", model=tiny_openclip, cache_dir=tmp_path, adapt_batch_size=4, warmup_updates=1, noise_rate=0.25
     )
     first = vlm_tta.classify(images, classes, batch_size=5, **kw)
     after_first = calls()["images"]

@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import adand, zeroshot  # noqa: F401  (registers "adand", "zeroshot")
+from . import adand, subtta, zeroshot  # noqa: F401  (register "adand", "subtta", "zeroshot")
 from .base import (
     Method,
     MethodContext,

@@ -17,10 +17,10 @@ For the first 10 updates the zero-shot mask decides; after that the detector doe
 when the detector's noisy probability exceeds Otsu's threshold over the last 512 of those
 probabilities. Within a batch the decision uses the detector from *before* that batch's update.
 
-Streams and batches. A batch is ``tta_batch_size`` rows of the stream (:meth:`stream_batch_size`, so
+Streams and batches. A batch is ``adapt_batch_size`` rows of the stream (:meth:`stream_batch_size`, so
 ``classify``'s own ``batch_size`` never changes the result) plus the noise rows injected among them;
 the detector decides from batch ``warmup_updates + 1`` on (batch 128: from stream item 11 x 128 of
-the mixed stream when the caller marks the noise rows). With ``tta_batch_size=1`` the detector is trained
+the mixed stream when the caller marks the noise rows). With ``adapt_batch_size=1`` the detector is trained
 every 64 samples on the last 64 (``batch1_window``) and decides from sample 641 on. Noise comes
 from one of three places:
 
@@ -83,11 +83,11 @@ SCORES = ("mixed", "detector", "msp")
 class AdaNDConfig:
     #: the batch AdaND learns from (ZS-NTTA configs/zs_noisytta_configs.py, `inference.batch_size`);
     #: its own option, not `classify(batch_size=...)`, which only cuts the reading of the stream
-    tta_batch_size: int = 128
+    adapt_batch_size: int = 128
     lr: float = 5e-4  # `optim.lr`; Adam, betas (0.9, 0.999) (`optim.beta1`), weight decay 0
     queue_length: int = 512  # `inference.queue_length`: Otsu queues of zero-shot and detector scores
     #: detector updates before it decides (`inference.using_ttda_step`); the reference's test is
-    #: `step * batch > using_ttda_step * window` (window = tta_batch_size, or batch1_window at batch size 1)
+    #: `step * batch > using_ttda_step * window` (window = adapt_batch_size, or batch1_window at batch size 1)
     warmup_updates: int = 10
     batch1_window: int = 64  # `inference.ttda_queue_length`: at batch size 1, train every 64 on the last 64
     noise_rate: float = 0.125  # `inference.gaussian_rate`: injected noise images per stream image
@@ -107,7 +107,7 @@ class AdaNDConfig:
     detector_init: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tta_batch_size", "queue_length", "warmup_updates", "batch1_window", "noise_size"):
+        for name in ("adapt_batch_size", "queue_length", "warmup_updates", "batch1_window", "noise_size"):
             value = getattr(self, name)
             low = 0 if name == "warmup_updates" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -146,7 +146,7 @@ class AdaND(Method):
         return ViewSet("original", 1)
 
     def stream_batch_size(self) -> int:
-        return self.config.tta_batch_size
+        return self.config.adapt_batch_size
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -186,8 +186,8 @@ class AdaND(Method):
             raise FeatureError(f"AdaND: {bad} image embedding(s) contain NaN or infinite values; check the encoder")
         raw = raw.float()
         out: list[Prediction] = []
-        for start in range(0, len(raw), self.config.tta_batch_size):  # a longer call is several batches
-            out.extend(self._predict_chunk(raw[start : start + self.config.tta_batch_size]))
+        for start in range(0, len(raw), self.config.adapt_batch_size):  # a longer call is several batches
+            out.extend(self._predict_chunk(raw[start : start + self.config.adapt_batch_size]))
         return out
 
     def _predict_chunk(self, x: torch.Tensor) -> list[Prediction]:
@@ -196,7 +196,7 @@ class AdaND(Method):
         from_caller = self._caller_noise(n)
         counts = self._noise_counts(n)
         mixed, is_noise, is_row = _interleave(x, from_caller, counts, self._noise_rows(int(counts.sum())))
-        steps = [slice(i, i + 1) for i in range(len(mixed))] if self.config.tta_batch_size == 1 else [slice(None)]
+        steps = [slice(i, i + 1) for i in range(len(mixed))] if self.config.adapt_batch_size == 1 else [slice(None)]
         logits, scores, noisy, detector_decided = [], [], [], []
         for part in steps:
             lg, sc, ns, decided = self._run_step(mixed[part], is_noise[part])
@@ -248,7 +248,7 @@ class AdaND(Method):
     def _switched(self) -> bool:
         """Whether the detector decides at this step (the reference: step * batch > warm-up * window)."""
         cfg = self.config
-        if cfg.tta_batch_size == 1:
+        if cfg.adapt_batch_size == 1:
             start = cfg.warmup_updates * cfg.batch1_window
             return self._step >= start if cfg.fix_first_sample else self._step > start
         return self._step > cfg.warmup_updates
@@ -258,7 +258,7 @@ class AdaND(Method):
         size 1 every ``batch1_window`` samples on the last ``batch1_window`` outputs."""
         cfg = self.config
         with torch.inference_mode(False), torch.enable_grad():
-            if cfg.tta_batch_size == 1:
+            if cfg.adapt_batch_size == 1:
                 self._window.append((det_out, noisy))
                 if cfg.fix_first_sample:
                     due = (self._step + 1) % cfg.batch1_window == 0
@@ -323,11 +323,11 @@ class AdaND(Method):
     def finish(self) -> None:
         if self._rows and self._decided_from is None:
             cfg = self.config
-            if cfg.tta_batch_size == 1:
+            if cfg.adapt_batch_size == 1:
                 first = cfg.warmup_updates * cfg.batch1_window + (0 if cfg.fix_first_sample else 1)
                 need = f"it decides from sample {first}, counting from 0"
             else:
-                need = f"it decides from batch {cfg.warmup_updates + 1} of {cfg.tta_batch_size}, counting from 0"
+                need = f"it decides from batch {cfg.warmup_updates + 1} of {cfg.adapt_batch_size}, counting from 0"
             warnings.warn(
                 f"AdaND: the stream ended after {self._rows} rows, before the detector's first decision ({need}, "
                 "injected noise included): every noisy decision came from the zero-shot score and Otsu's threshold",
