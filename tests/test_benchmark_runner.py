@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import bench_worker  # noqa: F401  (registers the test methods _running and _slow)
 import numpy as np
 import pytest
-import yaml
-
-import bench_worker  # noqa: F401  (registers the test methods _running and _slow)
 import tiny_models
+import yaml
 from fake_datasets import make_coop, make_textures
+
 from vlm_tta.benchmark.results import ResultStore
 from vlm_tta.benchmark.runner import BenchmarkError, Runner, parse_methods
 from vlm_tta.benchmark.suites import SuiteError, load_suite, parse_suite
@@ -192,9 +192,13 @@ def test_two_shards_into_one_folder_equal_one_process(tmp_path, data_root, cfg_f
     suite = write_suite(tmp_path / "s.yaml")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), *bench_args(suite, data_root, tmp_path / "sharded", cfg_file,
-                                                      "--shard", f"{i}/2")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                str(WORKER),
+                *bench_args(suite, data_root, tmp_path / "sharded", cfg_file, "--shard", f"{i}/2"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )  # fmt: skip
         for i in range(2)
     ]

@@ -76,6 +76,28 @@ def add_parsers(sub) -> None:
         g.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
         g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
         p.set_defaults(func=_cmd_bench, verb=verb)
+    add_report_parser(sub)
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="tables (Markdown, CSV), plots and an HTML page from run folders")
+    p.add_argument("runs", nargs="+", help="run folders written by vlm-tta bench / ood / ntta")
+    p.add_argument("--out", default=None, help="where to write the report (default: the first run's report/)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    written = write_report(args.runs, args.out)
+    md = written["md"][0]
+    print(md.read_text(encoding="utf-8"))
+    print(
+        f"vlm-tta: wrote {md.name}, {written['csv'][0].name}, {len(written['png'])} plot(s) and "
+        f"{written['html'][0].name} in {md.parent}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _method_options(pairs) -> dict[str, dict]:

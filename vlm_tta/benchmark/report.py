@@ -285,6 +285,8 @@ def plot_accuracy(t: Table, path: Path) -> Path:
         stds = [100 * cells[c]["top1"].std for c in t.columns]
         ax.bar(x + k * width - 0.4 + width / 2, means, width, yerr=stds, label=f"{label[0]} ({label[1]})")
     ax.set_xticks(x, t.columns, rotation=30, ha="right")
+    top = max([100 * c["top1"].mean for per in t.cells.values() for c in per.values() if c["top1"].values] + [0])
+    ax.set_ylim(0, min(100, max(10, top * 1.15)))
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(t.title)
     ax.legend(fontsize=7)
