@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import subtta, zeroshot  # noqa: F401  (register "subtta", "zeroshot")
+from . import adand, subtta, zeroshot  # noqa: F401  (register "adand", "subtta", "zeroshot")
 from .base import (
     Method,
     MethodContext,
