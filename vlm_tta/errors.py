@@ -45,3 +45,8 @@ class FeatureError(VlmTtaError, ValueError):
 
 class MethodOptionError(VlmTtaError, TypeError, ValueError):
     """A method option is unknown or has an invalid value."""
+
+
+class UnsupportedBackboneError(VlmTtaError, ValueError):
+    """A method needs something of the backbone that this backbone does not have (e.g. TCA needs a
+    vision transformer with a class token)."""

@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import zeroshot  # noqa: F401  (registers "zeroshot")
+from . import tca, zeroshot  # noqa: F401  (registers "tca", "zeroshot")
 from .base import (
     Method,
     MethodContext,
