@@ -34,8 +34,10 @@ Where the code and the paper differ, or the code has a quirk, the code is the de
   range of dissimilarities)); where all dissimilarities are equal the code divides by zero, here
   w = 0 (the choice cannot change which entry goes). Similarity is measured on the layer-averaged
   stored class tokens (``--token_sim``), or on the final embeddings with ``eviction_features="embedding"``.
-* the k-center start is drawn from a generator seeded with ``seed`` and owned by the method (the
-  code draws from the global torch RNG seeded with 1), one draw per condensation block and image.
+* the k-center start is drawn from a generator seeded with ``seed`` and owned by the method, one
+  draw per condensation block and image (the code draws from the global torch RNG seeded with 1,
+  which its shuffling DataLoader also draws from before the first image: to compare draw by draw,
+  seed the global RNG with ``seed`` right before the code's first image).
 * ``drop_rate=0`` crashes the code once anchors exist (``max_token_cls`` unassigned); here it runs
   with no condensation and the anchors still join the attention of the condensation blocks.
 * reproduced as in the code: anchors only once *every* class has two entries; the anchor for block l
@@ -139,7 +141,8 @@ class TCAConfig:
                     f"keep_ratio={self.keep_ratio} means drop_rate={KEEP_RATIO_TO_DROP_RATE[float(self.keep_ratio)]}; "
                     f"got drop_rate={self.drop_rate} as well: set one of them"
                 )
-        self.condense_blocks = tuple(int(b) for b in self.condense_blocks)
+        blocks = (self.condense_blocks,) if isinstance(self.condense_blocks, int) else self.condense_blocks
+        self.condense_blocks = tuple(int(b) for b in blocks)
         if any(b < 0 for b in self.condense_blocks) or len(set(self.condense_blocks)) != len(self.condense_blocks):
             raise MethodOptionError(
                 f"condense_blocks must be distinct block indices >= 0 (0-indexed); got {self.condense_blocks}"
