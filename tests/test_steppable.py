@@ -11,6 +11,7 @@ from open_clip.transformer import Transformer, VisionTransformer
 from tiny_models import tower_backbone, vit_b16_shape
 
 from vlm_tta.errors import UnsupportedBackboneError
+from vlm_tta.models.openclip import from_open_clip
 from vlm_tta.models.steppable import SteppableViT, block_macs
 
 VIT_B16 = vit_b16_shape()
@@ -22,7 +23,8 @@ def _pixels(n=3, size=32, seed=0):
 
 def _seq_first_copy(backbone):
     """A private copy of an open_clip backbone whose image transformer runs sequence-first (L x N x D)."""
-    twin = copy.deepcopy(backbone)
+    # a fresh wrapper around a copy of the module (tests may have wrapped the shared fixture's encoders)
+    twin = from_open_clip(copy.deepcopy(backbone.model), None, backbone.tokenizer, device="cpu")
     visual = twin.model.visual
     old = visual.transformer
     first = old.resblocks[0]

@@ -280,7 +280,8 @@ def test_end_to_end_repeatable_and_the_model_unchanged(model):
     results = [vlm_tta.classify(_images(6), CLASSES, method=m, model=model, cache=False) for m in runs]
     np.testing.assert_array_equal(results[0].logits, results[1].logits)
     assert results[0].scores.shape == (6,)
-    info = runs[0].run_info()
+    info = results[0].info
+    assert info["gmacs_per_image"] == runs[0].run_info()["gmacs_per_image"]
     assert (
         info["tokens_after_blocks"] == planned_tokens(17, 2, (0, 1), 0.2, 2) == [9, 7]
     )  # k = 13, m = 4: 1 + 5 + 2 + 1
@@ -289,6 +290,15 @@ def test_end_to_end_repeatable_and_the_model_unchanged(model):
     assert model.refresh_fingerprint() == fingerprint
     after = model.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_given_view_tensors_are_what_tca_reads(tiny_openclip):
+    imgs = _images(3)
+    views = torch.stack([tiny_openclip.preprocess(img) for img in imgs])[:, None]  # N x 1 x 3 x H x W
+    opts = dict(condense_blocks=(1,), drop_rate=0.2)
+    from_images = vlm_tta.classify(imgs, CLASSES, method="tca", model=tiny_openclip, cache=False, **opts)
+    from_views = vlm_tta.classify(views, CLASSES, method="tca", model=tiny_openclip, cache=False, **opts)
+    np.testing.assert_array_equal(from_views.logits, from_images.logits)
 
 
 def _alternating_stream(model, n=8):

@@ -221,10 +221,9 @@ def merge_coreset(tokens: torch.Tensor, k: int, generator: torch.Generator) -> t
     assign = torch.cdist(tokens.float(), centers.float()).argmin(dim=1)
     dist = (tokens - centers[assign]).norm(dim=1)
     weight = torch.where(dist == 0, torch.ones_like(dist), dist.reciprocal())
-    total = torch.zeros(k, dtype=weight.dtype, device=tokens.device).index_add_(0, assign, weight)
-    merged = torch.zeros(k, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-    merged.index_add_(0, assign, weight[:, None] * tokens)
-    return merged / torch.where(total > 0, total, torch.ones_like(total))[:, None]
+    member = F.one_hot(assign, k).to(weight.dtype) * weight[:, None]  # n x k: each token's weight in its cluster
+    total = member.sum(dim=0)
+    return (member.T @ tokens) / torch.where(total > 0, total, torch.ones_like(total))[:, None]
 
 
 def rank_consensus(attention: torch.Tensor) -> torch.Tensor:
