@@ -1036,6 +1036,13 @@ def run(args: argparse.Namespace) -> int:
     """Carry out ``vlm-tta cache ...``; returns the exit status."""
     cache = EmbeddingCache(getattr(args, "cache_dir", None))
     command = getattr(args, "cache_command", None) or "info"
+    if cache.directory.exists() and not cache.directory.is_dir():
+        print(
+            f"vlm-tta: error: the cache location {cache.directory} is a file, not a directory; pass a directory "
+            "with --cache-dir (or set VLM_TTA_CACHE_DIR)",
+            file=sys.stderr,
+        )
+        return 2
     d = cache.info()
     if command == "info":
         print(json.dumps(d, indent=2, sort_keys=True) if getattr(args, "json", False) else _format_info(d))
