@@ -371,7 +371,9 @@ def classify_features(
     if not method_obj.raw_features:
         views = torch.nn.functional.normalize(views, dim=-1)
     classes = torch.nn.functional.normalize(classes, dim=-1)
-    extras = _extras(len(views), classes.shape[-1], len(classes), noise_features, injected_noise, support_features, support_labels)
+    extras = _extras(
+        len(views), classes.shape[-1], len(classes), noise_features, injected_noise, support_features, support_labels
+    )
     ctx = MethodContext(classes, float(logit_scale), logit_bias, names, None, None, extras)
     out = run_on_features(method_obj, ctx, views, batch_size=batch_size)
     info = {"view_set": repr(method_obj.view_set()), "images": len(out.predictions), **method_obj.run_info()}
@@ -389,7 +391,9 @@ def _extras(n: int, dim: int, n_classes: int, noise_features, injected_noise, su
     if injected_noise is not None:
         mask = torch.as_tensor(np.asarray(injected_noise))
         if mask.dtype != torch.bool or mask.shape != (n,):
-            raise FeatureError(f"injected_noise must be {n} booleans (one per row); got {tuple(mask.shape)} {mask.dtype}")
+            raise FeatureError(
+                f"injected_noise must be {n} booleans (one per row); got {tuple(mask.shape)} {mask.dtype}"
+            )
         extras["injected_noise"] = mask
     if (support_features is None) != (support_labels is None):
         raise FeatureError("support_features and support_labels come together (K x D embeddings and K class indices)")

@@ -19,6 +19,7 @@ an error, so a method that changed the backbone always puts it back.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -41,6 +42,10 @@ class StreamOutput:
     positions: list[int] = field(default_factory=list)
     #: ``(position, name, reason)`` of every input that could not be read
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    #: seconds spent inside the method's own calls, and in the pass's shared work (opening images,
+    #: making and encoding views or reading them from the cache), which several methods may share
+    method_seconds: float = 0.0
+    shared_seconds: float = 0.0
 
 
 class SkippedImagesWarning(UserWarning):
@@ -56,16 +61,108 @@ def _chunk_size(method: Method, batch_size: int) -> int:
     return size
 
 
-def _dispatch(method: Method, store: FeatureStore, items: list[tuple[int, Any]]) -> list[Prediction]:
-    """Hand one chunk of ``(position, image source)`` to the method."""
-    if method.needs_pixels:
-        preds = method.predict_samples([Sample(pos, img, store) for pos, img in items])
-    else:
-        feats = store.view_features([img for _, img in items], method.view_set(), normalize=not method.raw_features)
-        preds = method.predict_batch(feats)
-    if len(preds) != len(items):
-        raise RuntimeError(f"method {method.name!r} returned {len(preds)} predictions for {len(items)} images")
-    return preds
+class _Feeder:
+    """One method's side of a pass: its own chunk buffer and its output."""
+
+    def __init__(self, method: Method, ctx: MethodContext, chunk: int) -> None:
+        self.method, self.ctx, self.chunk = method, ctx, chunk
+        self.pending: list[tuple[int, Any]] = []  # (position, image source or V x D features)
+        self.out = StreamOutput()
+
+    def add(self, items: list[tuple[int, Any]], store: FeatureStore, final: bool = False) -> None:
+        self.pending.extend(items)
+        while len(self.pending) >= self.chunk or (final and self.pending):
+            part, self.pending = self.pending[: self.chunk], self.pending[self.chunk :]
+            t0 = time.perf_counter()
+            if self.method.needs_pixels:
+                preds = self.method.predict_samples([Sample(pos, img, store) for pos, img in part])
+            else:
+                feats = torch.stack([f for _, f in part])
+                preds = self.method.predict_batch(feats)
+            if len(preds) != len(part):
+                raise RuntimeError(
+                    f"method {self.method.name!r} returned {len(preds)} predictions for {len(part)} images"
+                )
+            self.out.predictions.extend(preds)
+            self.out.positions.extend(pos for pos, _ in part)
+            self.out.method_seconds += time.perf_counter() - t0
+
+
+def _view_features(store: FeatureStore, feeders: list[_Feeder], images: list) -> dict:
+    """The chunk's view embeddings for every feature-level method, each view encoded (or read from
+    the cache) once: methods reading the same recipe and seed share the longest view set (view ``i``
+    does not depend on how many views are asked for)."""
+    longest: dict[tuple, Any] = {}
+    for f in feeders:
+        if not f.method.needs_pixels:
+            vs = f.method.view_set()
+            key = (vs.recipe, vs.seed)
+            if key not in longest or vs.n_views > longest[key].n_views:
+                longest[key] = vs
+    return {key: store.view_features(images, vs, normalize=False) for key, vs in longest.items()}
+
+
+def run_stream(
+    methods: Sequence[tuple[Method, MethodContext]],
+    store: FeatureStore,
+    sources: Sequence[Any],
+    names: Sequence[str],
+    *,
+    batch_size: int = 64,
+    on_error: str = "raise",
+    progress: bool = False,
+) -> list[StreamOutput]:
+    """One pass over ``sources`` feeding several methods at once (each set up with its context);
+    see the module docstring. Returns one :class:`StreamOutput` per method. The benchmark runner
+    uses it to run every feature-level method of a suite on one read of the embeddings."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
+    feeders = [_Feeder(m, ctx, _chunk_size(m, batch_size)) for m, ctx in methods]
+    skipped: list[tuple[int, str, str]] = []
+    bar = _progress_bar(len(sources), "+".join(m.name for m, _ in methods)) if progress else None
+    for f in feeders:
+        f.method.setup(f.ctx)
+    shared = 0.0
+    try:
+        for start in range(0, len(sources), batch_size):
+            t0 = time.perf_counter()
+            part = sources[start : start + batch_size]
+            errors: list | None = [] if on_error == "skip" else None
+            opened = store.open_images(part, names[start : start + batch_size], errors=errors)
+            skipped.extend((start + pos, name, reason) for pos, name, reason in errors or ())
+            items = [(start + i, img) for i, img in enumerate(opened) if img is not None]
+            if items:
+                feats = _view_features(store, feeders, [img for _, img in items])
+                shared += time.perf_counter() - t0
+                for f in feeders:
+                    if f.method.needs_pixels:
+                        f.add(items, store)
+                    else:
+                        vs = f.method.view_set()
+                        rows = feats[(vs.recipe, vs.seed)][:, : vs.n_views]
+                        if not f.method.raw_features:
+                            rows = torch.nn.functional.normalize(rows, dim=-1)
+                        f.add([(pos, rows[k]) for k, (pos, _) in enumerate(items)], store)
+            if bar is not None:
+                bar.update(len(part))
+        for f in feeders:
+            f.add([], store, final=True)
+    finally:
+        for f in feeders:
+            f.method.finish()
+        if bar is not None:
+            bar.close()
+    if skipped:
+        shown = ", ".join(name for _, name, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable image(s): {shown} (result.info['skipped'] lists each with its reason)",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
+    for f in feeders:
+        f.out.skipped = list(skipped)
+        f.out.shared_seconds = shared
+    return [f.out for f in feeders]
 
 
 def run_on_images(
@@ -80,46 +177,14 @@ def run_on_images(
     progress: bool = False,
 ) -> StreamOutput:
     """Run ``method`` (set up here with ``ctx``) over ``sources`` in order; see the module docstring."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
-    chunk = _chunk_size(method, batch_size)
-    out = StreamOutput()
-    bar = _progress_bar(len(sources), method.name) if progress else None
-    pending: list[tuple[int, Any]] = []
-    method.setup(ctx)
-    try:
-        for start in range(0, len(sources), chunk):
-            part = sources[start : start + chunk]
-            errors: list | None = [] if on_error == "skip" else None
-            opened = store.open_images(part, names[start : start + chunk], errors=errors)
-            for pos, name, reason in errors or ():
-                out.skipped.append((start + pos, name, reason))
-            pending.extend((start + i, img) for i, img in enumerate(opened) if img is not None)
-            while len(pending) >= chunk:
-                items, pending = pending[:chunk], pending[chunk:]
-                out.predictions.extend(_dispatch(method, store, items))
-                out.positions.extend(pos for pos, _ in items)
-            if bar is not None:
-                bar.update(len(part))
-        if pending:
-            out.predictions.extend(_dispatch(method, store, pending))
-            out.positions.extend(pos for pos, _ in pending)
-    finally:
-        method.finish()
-        if bar is not None:
-            bar.close()
-    if out.skipped:
-        shown = ", ".join(name for _, name, _ in out.skipped[:5]) + (", ..." if len(out.skipped) > 5 else "")
-        warnings.warn(
-            f"skipped {len(out.skipped)} unreadable image(s): {shown} (result.info['skipped'] lists each with "
-            "its reason)",
-            SkippedImagesWarning,
-            stacklevel=3,
-        )
-    return out
+    return run_stream(
+        [(method, ctx)], store, sources, names, batch_size=batch_size, on_error=on_error, progress=progress
+    )[0]
 
 
-def run_on_features(method: Method, ctx: MethodContext, features: torch.Tensor, *, batch_size: int = 256) -> StreamOutput:
+def run_on_features(
+    method: Method, ctx: MethodContext, features: torch.Tensor, *, batch_size: int = 256
+) -> StreamOutput:
     """Run a feature-level ``method`` over ``N x V x D`` embeddings in order, in chunks."""
     if method.needs_pixels:
         raise FeatureError(f"method {method.name!r} needs the images, not only embeddings: use vlm_tta.classify()")

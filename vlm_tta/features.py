@@ -256,7 +256,9 @@ class FeatureStore:
         if hashes is None:
             hashes = [src.content_hash for src in sources]
         fp = self.model.fingerprint
-        keys = [make_key("view", fp, h, *src.key_parts(view_set, j)) for src, h in zip(sources, hashes) for j in range(v)]
+        keys = [
+            make_key("view", fp, h, *src.key_parts(view_set, j)) for src, h in zip(sources, hashes) for j in range(v)
+        ]
         n_missing = [0]
 
         def compute(missing: list[int]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import sts, zeroshot  # noqa: F401  (register "sts", "sts_ensemble", "zeroshot")
+from . import adand, sts, subtta, tca, zeroshot  # noqa: F401  (importing a module registers its methods)
 from .base import (
     Method,
     MethodContext,

@@ -261,7 +261,9 @@ def load_hf(
     if local:
         path = Path(os.path.expanduser(source))
         if not path.is_dir():
-            raise ModelSpecError(f"transformers model directory not found: {path}. Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX)
+            raise ModelSpecError(
+                f"transformers model directory not found: {path}. Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX
+            )
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} has no config.json. Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX)
         source = str(path)
@@ -308,7 +310,9 @@ def load_hf(
             has_st = any(Path(source).glob("*.safetensors"))
             has_bin = any(Path(source).glob("*.bin"))
             if not has_st and not has_bin:
-                raise ModelSpecError(f"{source} has no weights (model.safetensors). Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX)
+                raise ModelSpecError(
+                    f"{source} has no weights (model.safetensors). Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX
+                )
             use_safetensors = True if has_st else None
         try:
             model = model_cls.from_pretrained(
@@ -317,7 +321,7 @@ def load_hf(
         except Exception as err:
             raise ModelSpecError(
                 f"{offline} (weights: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}",
-            fix=_LOCAL_DIR_FIX,
-        ) from err
+                fix=_LOCAL_DIR_FIX,
+            ) from err
         label = f"hf:{source}"
     return HFModel(model, processor, name=label, device=device, precision=precision)

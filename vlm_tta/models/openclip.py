@@ -504,7 +504,7 @@ def _load_hf_hub(repo: str, *, pretrained, cache_dir, **kw) -> OpenClipModel:
     fix = {"model": "/path/to/DIR"}
     try:
         config_path = ocp.download_pretrained_from_hf(repo, filename=_CONFIG_FILE, cache_dir=cache_dir)
-        with open(config_path, encoding="utf-8") as f:
+        with open(config_path, encoding="utf-8-sig") as f:
             cfg = json.load(f)
         checkpoint = None
         if pretrained == "default":
@@ -535,7 +535,7 @@ def _load_dir(path: Path, *, pretrained, **kw) -> OpenClipModel:
         raise ModelSpecError(f"{path} has no {_CONFIG_FILE}; an open_clip model directory needs one")
     import open_clip.factory as ocf
 
-    with open(config_file, encoding="utf-8") as f:
+    with open(config_file, encoding="utf-8-sig") as f:
         cfg = json.load(f)
     return _load_custom(
         cfg,
@@ -578,7 +578,7 @@ def load_openclip(
         if not path.is_file():
             raise ModelSpecError(f"open_clip model config file not found: {path}")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 cfg = json.load(f)
         except (OSError, ValueError) as err:
             raise ModelSpecError(f"could not read open_clip model config {path}: {err}") from err
