@@ -114,6 +114,13 @@ def _method_options(pairs) -> dict[str, dict]:
 
 
 def _cmd_bench(args) -> int:
+    from ..distributed import torchrun_world
+
+    with torchrun_world(args.device) as world:  # one process, or a rank of a torchrun world
+        return _bench(args, world)
+
+
+def _bench(args, world) -> int:
     from ..cli import load_model_from_args
     from .runner import Runner, parse_methods
     from .suites import load_suite
@@ -124,11 +131,14 @@ def _cmd_bench(args) -> int:
 
         raise BenchmarkError(f"suite {suite.name!r} is a {suite.protocol!r} suite; use `vlm-tta bench` for it")
     methods = parse_methods(args.methods or list(suite.methods), _method_options(args.option))
+    if world.distributed:
+        args.device = world.device
     model = load_model_from_args(args)
     cache = False
     if not args.no_cache:
         cache = True if args.cache_dir is None else args.cache_dir
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    prefix = f"[{world.label}] " if world.distributed else ""
     runner = Runner(
         suite,
         methods,
@@ -143,15 +153,18 @@ def _cmd_bench(args) -> int:
         batch_size=args.batch_size,
         cache=cache,
         num_workers=args.num_workers,
-        progress=progress,
+        progress=progress and world.rank == 0,  # one bar: rank 0's
         noisy_fractions=getattr(args, "noisy_fractions", None),
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: print(prefix + line, file=sys.stderr),
+        world=world,
     )
     counts = runner.run()
-    print(
-        f"vlm-tta: {counts['ran']} row(s) written, {counts['already_done']} already done, "
-        f"{counts['jobs']} job(s) in {counts['passes']} pass(es) of shard {args.shard[0]}/{args.shard[1]}; "
-        f"rows in {runner.store.rows_dir}",
-        file=sys.stderr,
-    )
+    if world.rank == 0:
+        ranks = f" over {world.size} ranks" if world.distributed else ""
+        print(
+            f"vlm-tta: {counts['ran']} row(s) written, {counts['already_done']} already done, "
+            f"{counts['jobs']} job(s) in {counts['passes']} pass(es) of shard {args.shard[0]}/{args.shard[1]}"
+            f"{ranks}; rows in {runner.store.rows_dir}",
+            file=sys.stderr,
+        )
     return 0
