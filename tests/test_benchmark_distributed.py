@@ -257,9 +257,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str]) -> list[str]:
+def torchrun(args: list[str], target: tuple[str, ...] = (str(WORKER),)) -> list[str]:
+    """``torchrun --nproc-per-node 2`` of ``target`` (a script, or ``-m module``) on 127.0.0.1."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), str(WORKER), *args]  # fmt: skip
+            "--master-port", str(free_port()), *target, *args]  # fmt: skip
 
 
 def torchrun_env_vars(**extra) -> dict:
@@ -319,3 +320,43 @@ def test_torchrun_rank_killed_then_the_command_again(tmp_path, data_root, cfg_fi
     # no duplicate and no half-written row: one JSON file per job (a killed write leaves a dot-file at most)
     assert len({json.loads(p.read_text())["job_id"] for p in rows_dir.glob("*.json")}) == 6
     assert all(p.suffix == ".json" or p.name.startswith(".") for p in rows_dir.iterdir())
+
+
+def test_torchrun_generate_splits_the_images_over_ranks(tmp_path):
+    from PIL import Image
+
+    from vlm_tta.cache import EmbeddingCache
+    from vlm_tta.diffusion import ImageVariations
+    from vlm_tta.images import content_hash
+
+    pipe = tiny_models.build_tiny_image_variation_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "sd")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = ["generate", str(folder), "--diffusion", str(tmp_path / "sd"), "--count", "2", "--steps", "2",
+            "--height", "32", "--width", "32", "--jpeg-quality", "0", "--store-size", "0", "--json"]  # fmt: skip
+    command = torchrun([*args, "--cache-dir", str(tmp_path / "c2")], target=("-m", "vlm_tta"))
+    env = {**torchrun_env_vars(), "OMP_NUM_THREADS": "1"}  # the tiny pipeline's kernels are too small for threads
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])  # fmt: skip
+    assert [(r["rank"], r["world_size"], r["images"], r["generated"]) for r in reports] == [(0, 2, 3, 6), (1, 2, 2, 4)]
+    # the same images as one process makes (up to the float rounding of batched kernels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--cache-dir", str(tmp_path / "c1")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    hashes = [content_hash(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(5)]
+    settings = dict(count=2, steps=2, height=32, width=32, jpeg_quality=None, store_size=None)
+    one, two = (
+        ImageVariations(tmp_path / "sd", cache=EmbeddingCache(tmp_path / c), **settings).load(hashes)
+        for c in ("c1", "c2")
+    )
+    for a, b in zip(one, two):
+        assert a.shape == b.shape == (2, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
