@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from vlm_tta.methods import Method, Prediction, register_method
 

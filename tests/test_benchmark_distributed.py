@@ -225,7 +225,8 @@ def test_unreadable_images_are_skipped_by_the_rank_that_has_them(model, tmp_path
     # so logits and metrics agree to float rounding only
     assert_same_rows(tmp_path / "single", tmp_path / "ranks", exact=False)
     assert {(r["method"], r["n_images"], r["n_skipped"]) for r in ResultStore(tmp_path / "ranks").rows()} == {
-        ("zeroshot", 8, 1), ("_running", 8, 1)
+        ("zeroshot", 8, 1),
+        ("_running", 8, 1),
     }
 
 
