@@ -35,7 +35,7 @@ from vlm_tta.benchmark.distributed import (
     share,
 )
 from vlm_tta.benchmark.results import ResultStore
-from vlm_tta.benchmark.runner import JobOutput, Runner, parse_methods
+from vlm_tta.benchmark.runner import BenchmarkError, JobOutput, Runner, parse_methods
 from vlm_tta.benchmark.suites import parse_suite
 from vlm_tta.cli import main
 from vlm_tta.distributed import DistributedError, World, rank_device, torchrun_env, torchrun_world
@@ -361,3 +361,15 @@ def test_torchrun_generate_splits_the_images_over_ranks(tmp_path):
     )
     for a, b in zip(one, two):
         assert a.shape == b.shape == (2, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_rank_0_names_the_jobs_whose_parts_it_cannot_find(model, data_root, tmp_path, monkeypatch):
+    from vlm_tta.benchmark import distributed
+
+    monkeypatch.setattr(distributed, "PART_WAIT_S", 0.0)
+    suite = suite_dict(datasets=["eurosat"], methods=["zeroshot"], seeds=[0])
+    make = lambda: runner(suite, model, data_root, tmp_path / "ranks")  # noqa: E731
+    RankWork(make(), 1, 2).run()  # rank 0's part never comes (e.g. --out not shared between the nodes)
+    with pytest.raises(BenchmarkError, match=r"1 job\(s\) split over the ranks have a missing .* eurosat zeroshot"):
+        RankWork(make(), 0, 2).finish()
+    assert len(list((tmp_path / "ranks" / "partials").glob("*.npz"))) == 1  # kept for the next run

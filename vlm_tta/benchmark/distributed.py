@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from .runner import Runner
 
 PARTIAL_VERSION = 1
+#: how long rank 0 looks for a part that another rank has written but that it cannot see yet
+PART_WAIT_S = 120.0
 _OPTIONAL = ("scores", "noisy", "reference_scores")
 
 
@@ -282,17 +285,25 @@ class RankWork:
 
     def finish(self) -> int:
         """Rank 0, once every rank is done: write split rows still missing, then remove the
-        partials of finished jobs. Returns the rows written; raises when a part is missing."""
-        written, missing = 0, []
-        for unit in self.units:
-            if not unit.split:
-                continue
-            for job in unit.jobs:
-                if not self.runner.store.has(job.id):
-                    if self.assemble(unit, job):
-                        written += 1
-                    else:
-                        missing.append(f"{unit.pass_.dataset.name} {job.method.label} ({job.id})")
+        partials of finished jobs. Returns the rows written; raises when a part is missing.
+
+        Every part exists by now, but a network filesystem may show another node's new file only
+        after its attribute cache expires (NFS: up to a minute), so a missing part is looked for
+        again for up to :data:`PART_WAIT_S` seconds."""
+        written = 0
+        deadline = time.monotonic() + PART_WAIT_S
+        while True:
+            missing = []
+            for unit in self.units:
+                for job in unit.jobs if unit.split else ():
+                    if not self.runner.store.has(job.id):
+                        if self.assemble(unit, job):
+                            written += 1
+                        else:
+                            missing.append(f"{unit.pass_.dataset.name} {job.method.label} ({job.id})")
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(2.0)
         folder = self.runner.store.root / "partials"
         for jid in self.job_ids:
             if self.runner.store.has(jid):
@@ -306,7 +317,8 @@ class RankWork:
             raise BenchmarkError(
                 f"{len(missing)} job(s) split over the ranks have a missing or inconsistent part: "
                 + "; ".join(missing[:5])
-                + ". Did the nodes see different dataset files? Run the same command again to redo those parts."
+                + f". Is --out on a filesystem every node sees ({self.runner.store.root})? Run the same command "
+                "again to redo those parts."
             )
         return written
 
