@@ -176,6 +176,9 @@ def test_world_from_the_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert torchrun_env() == (3, 4, 1)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DistributedError, match="start a distributed run with torchrun"), torchrun_world():
+        pass
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(DistributedError, match="RANK=4"):
         torchrun_env()

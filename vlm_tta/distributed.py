@@ -138,6 +138,11 @@ def torchrun_world(requested_device: str | None = None) -> Iterator[World]:
     import torch.distributed as dist
 
     rank, size, local = env
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise DistributedError(
+            f"WORLD_SIZE={size} is set but MASTER_ADDR/MASTER_PORT are not: start a distributed run with torchrun "
+            "(or unset WORLD_SIZE for a single process)"
+        )
     device = rank_device(requested_device, local)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":

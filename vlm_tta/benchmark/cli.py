@@ -60,7 +60,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--out", required=True, help="run folder: rows/, predictions/, subsets/ (resumable)")
         p.add_argument("--seeds", type=_int_list, default=None, help="stream orders of online methods, e.g. 0,1,2")
         p.add_argument("--limit", type=int_at_least(1), default=None, help="a seeded subset of N images per dataset")
-        p.add_argument("--shard", type=_shard, default=(0, 1), help="run every n-th pass starting at i: i/n (under torchrun the ranks divide the shard)")
+        p.add_argument(
+            "--shard", type=_shard, default=(0, 1), help="every n-th pass from i: i/n (torchrun's ranks divide it)"
+        )
         p.add_argument("--skip-missing", action="store_true", help="run the datasets that are there")
         p.add_argument("--templates", default=None, help="override the suite's prompt set for every dataset")
         p.add_argument(
