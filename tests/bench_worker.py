@@ -7,6 +7,8 @@
 * ``_pause`` (episodic, features): zero-shot that sleeps ``$BENCH_WORKER_DELAY`` seconds per chunk
   (an environment variable, not an option, so a slowed run has the same job ids as a fast one).
 
+:func:`tiny_suite` is the suite the benchmark tests run (two tiny datasets of ``conftest.data_root``).
+
 Usage: ``python bench_worker.py <vlm-tta arguments>``, also as torchrun's script. With
 ``$BENCH_WORKER_PIDS`` set to a folder, the process writes its pid to ``rank<RANK>.pid`` there.
 """
@@ -20,6 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_tta.methods import Method, Prediction, register_method
+
+
+def tiny_suite(**overrides) -> dict:
+    """A suite as its YAML mapping: zero-shot (episodic) and ``_running`` (online) on eurosat and
+    oxford_pets, two seeds; ``overrides`` replace keys."""
+    suite = {
+        "name": "tiny",
+        "protocol": "classification",
+        "seeds": [0, 1],
+        "methods": ["zeroshot", "_running"],
+        "defaults": {"templates": "single"},
+        "datasets": ["eurosat", "oxford_pets"],
+    }
+    suite.update(overrides)
+    return suite
 
 
 @dataclass

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import bench_worker  # noqa: F401  (registers the test methods _running, _slow and _pause)
 import numpy as np
 import pytest
 import tiny_models
 import torch
 import yaml
-from fake_datasets import make_coop, make_textures, write_corrupt
+from bench_worker import tiny_suite  # (also registers the test methods _running, _slow and _pause)
+from fake_datasets import make_coop, write_corrupt
 
 from vlm_tta.benchmark.distributed import (
     RankWork,
@@ -46,39 +46,10 @@ VOLATILE = {"seconds_per_image", "method_seconds_per_image", "peak_memory_mb", "
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist_data")
-    make_coop(root, "eurosat", labels=[0, 3, 7], per_class=3, splits=("test",))
-    make_coop(root, "oxford_pets", labels=[1, 2], per_class=3, splits=("test",))
-    make_textures(root, classes=("banded", "zigzagged", "dotted"), per_class=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cfg_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(tiny_models.tiny_openclip_config()))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def model(cfg_file):
     from vlm_tta.models import load_model
 
     return load_model(cfg_file, pretrained=None)
-
-
-def suite_dict(**overrides) -> dict:
-    suite = {
-        "name": "tiny",
-        "protocol": "classification",
-        "seeds": [0, 1],
-        "methods": ["zeroshot", "_running"],
-        "defaults": {"templates": "single"},
-        "datasets": ["eurosat", "oxford_pets"],
-    }
-    suite.update(overrides)
-    return suite
 
 
 def runner(suite: dict, model, data_root, out: Path, **kw) -> Runner:
@@ -199,9 +170,9 @@ def test_world_from_the_torchrun_environment(monkeypatch):
 @pytest.mark.parametrize(
     "suite",
     [
-        suite_dict(),
-        suite_dict(protocol="ood", ood=["textures"], seeds=[0], methods=["zeroshot[score=msp]", "_running"]),
-        suite_dict(protocol="ntta", noisy=["textures"], seeds=[0], datasets=["eurosat"], noisy_fractions=[0.5]),
+        tiny_suite(),
+        tiny_suite(protocol="ood", ood=["textures"], seeds=[0], methods=["zeroshot[score=msp]", "_running"]),
+        tiny_suite(protocol="ntta", noisy=["textures"], seeds=[0], datasets=["eurosat"], noisy_fractions=[0.5]),
     ],
     ids=["classification", "ood", "ntta"],
 )
@@ -220,7 +191,7 @@ def test_unreadable_images_are_skipped_by_the_rank_that_has_them(model, tmp_path
     root = tmp_path / "data"
     make_coop(root, "eurosat", labels=[0, 3, 7], per_class=3, splits=("test",))
     write_corrupt(next(root.rglob("img_1.jpg")))
-    suite = suite_dict(datasets=["eurosat"], seeds=[0])
+    suite = tiny_suite(datasets=["eurosat"], seeds=[0])
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         runner(suite, model, root, tmp_path / "single").run()
         run_ranks(lambda: runner(suite, model, root, tmp_path / "ranks"), 2)
@@ -234,7 +205,7 @@ def test_unreadable_images_are_skipped_by_the_rank_that_has_them(model, tmp_path
 
 
 def test_a_dead_rank_s_parts_are_reused_or_redone(model, data_root, tmp_path):
-    suite = suite_dict(methods=["zeroshot", "_running"], seeds=[0])
+    suite = tiny_suite(methods=["zeroshot", "_running"], seeds=[0])
     lines: list[str] = []
     runner(suite, model, data_root, tmp_path / "single").run()
     make = lambda: runner(suite, model, data_root, tmp_path / "ranks", log=lines.append)  # noqa: E731
@@ -282,7 +253,7 @@ def cli_args(suite: Path, data_root, out: Path, cfg_file, cache: Path) -> list[s
 
 def test_torchrun_two_ranks_write_the_rows_of_one_process(tmp_path, data_root, cfg_file):
     suite = tmp_path / "s.yaml"
-    suite.write_text(yaml.safe_dump(suite_dict()))
+    suite.write_text(yaml.safe_dump(tiny_suite()))
     assert main(cli_args(suite, data_root, tmp_path / "single", cfg_file, tmp_path / "c1")) == 0
     proc = subprocess.run(
         torchrun(cli_args(suite, data_root, tmp_path / "ranks", cfg_file, tmp_path / "c2")),
@@ -296,7 +267,7 @@ def test_torchrun_two_ranks_write_the_rows_of_one_process(tmp_path, data_root, c
 
 def test_torchrun_rank_killed_then_the_command_again(tmp_path, data_root, cfg_file):
     suite = tmp_path / "s.yaml"
-    suite.write_text(yaml.safe_dump(suite_dict(methods=["_pause", "_running"])))
+    suite.write_text(yaml.safe_dump(tiny_suite(methods=["_pause", "_running"])))
     assert main(cli_args(suite, data_root, tmp_path / "single", cfg_file, tmp_path / "c1")) == 0
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -370,7 +341,7 @@ def test_rank_0_names_the_jobs_whose_parts_it_cannot_find(model, data_root, tmp_
     from vlm_tta.benchmark import distributed
 
     monkeypatch.setattr(distributed, "PART_WAIT_S", 0.0)
-    suite = suite_dict(datasets=["eurosat"], methods=["zeroshot"], seeds=[0])
+    suite = tiny_suite(datasets=["eurosat"], methods=["zeroshot"], seeds=[0])
     make = lambda: runner(suite, model, data_root, tmp_path / "ranks")  # noqa: E731
     RankWork(make(), 1, 2).run()  # rank 0's part never comes (e.g. --out not shared between the nodes)
     with pytest.raises(BenchmarkError, match=r"1 job\(s\) split over the ranks have a missing .* eurosat zeroshot"):
