@@ -246,9 +246,17 @@ class RankWork:
 
     def assemble(self, unit: Unit, job: Job) -> bool:
         """Write ``job``'s row from its parts when all are there and sound; True when written."""
-        parts = [self._load(unit, job, r) for r in range(self.size)]
-        if any(p is None for p in parts) or self.runner.store.has(job.id):
-            return False
+        root = self.runner.store.root
+        if self.runner.store.has(job.id) or not all(
+            partial_path(root, job.id, r, self.size).is_file() for r in range(self.size)
+        ):
+            return False  # (cheap checks first: every rank tries this after each of its parts)
+        parts = []
+        for r in range(self.size):
+            part = self._load(unit, job, r)
+            if part is None:
+                return False
+            parts.append(part)
         self.runner.write_row(unit.pass_, job, unit.stream, merge_parts(parts), parts=self.size)
         return True
 
