@@ -237,16 +237,16 @@ class TDA(Method):
         self.pos_cache.store.begin(s["feature"])
         self.neg_cache.store.begin(s["feature"])
         labels, ents, norm_ents = s["label"].tolist(), s["entropy"].tolist(), norm_ent.tolist()
-        predictions = []
+        out = s["logits"].clone()
         for i in range(len(features)):
             args = (s["feature"][i], labels[i], ents[i], norm_ents[i], s["prob"][i])
             if self.config.order == "write_first":
                 self.write(*args)
-            logits = s["logits"][i] + self.cache_logits(i)
+            out[i] += self.cache_logits(i)
             if self.config.order == "predict_first":
                 self.write(*args)
-            predictions.append(Prediction(logits, float(logits.softmax(-1).max())))
-        return predictions
+        scores = out.softmax(-1).max(-1).values.tolist()
+        return [Prediction(out[i], scores[i]) for i in range(len(out))]
 
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]

@@ -90,8 +90,7 @@ class Zero(Method):
         ent = -(probs * probs.log()).sum(-1) if self.config.underflow_ranks_last else prob_entropy(probs)
         order = torch.argsort(ent, dim=-1, stable=True)  # most confident view first (NaN last)
         k = n_confident(features.shape[1], self.config.gamma)
-        votes = self.vote(gather_views(cos, order[:, :k]))
-        votes = self.break_ties(votes, gather_views(cos, order[:, k:]))
+        votes = self.break_ties(self.vote(gather_views(cos, order[:, :k])), cos, order[:, k:])
         shares = votes / votes.sum(-1, keepdim=True)
         logits = probs_to_logits(votes)
         top = shares.max(-1).values.tolist()
@@ -106,14 +105,15 @@ class Zero(Method):
             return torch.nn.functional.one_hot(kept.argmax(-1), kept.shape[-1]).sum(1).to(kept.dtype)
         return (kept / torch.finfo(kept.dtype).eps).softmax(-1).sum(1)
 
-    def break_ties(self, votes: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    def break_ties(self, votes: torch.Tensor, cos: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """Give one more vote to the tie-breaker of every image whose top vote count is shared.
-        ``rest``: the cosines of the views that were not kept, most confident first (N x (V-k) x C)."""
+        ``cos``: the views' cosines (N x V x C); ``rest``: the indices of the views that were not kept,
+        most confident first (N x (V-k))."""
         tied = votes == votes.max(-1, keepdim=True).values
         rows = (tied.sum(-1) > 1).nonzero().squeeze(1)
         if len(rows) == 0:
             return votes
-        tied, rest = tied[rows], rest[rows]
+        tied, rest = tied[rows], gather_views(cos[rows], rest[rows])  # N_tied x (V-k) x C
         if rest.shape[1] == 0:  # no view left to ask (gamma = 1): the lowest tied class
             winner = tied.int().argmax(-1)
         else:
