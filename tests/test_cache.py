@@ -278,6 +278,16 @@ def test_get_many_chunks_and_persistence(tmp_path):
     assert np.array_equal(EmbeddingCache(tmp_path).get(keys[0]), np.zeros(4, np.float32))
 
 
+def test_present_lists_stored_keys_without_reading_rows(tmp_path):
+    n = 1234  # more than one query chunk
+    keys = [make_key("view", "fp", i) for i in range(n)]
+    c = EmbeddingCache(tmp_path)
+    assert c.present(keys) == set() and not (tmp_path / "embeddings.sqlite3").exists()
+    c.put_many((k, np.full(3, i % 256, np.uint8)) for i, k in enumerate(keys) if i % 3 == 0)
+    assert c.present(keys + ["absent", keys[0]]) == {k for i, k in enumerate(keys) if i % 3 == 0}
+    assert EmbeddingCache(tmp_path, enabled=False).present(keys) == set()
+
+
 def test_get_on_missing_cache_creates_nothing(tmp_path):
     c = EmbeddingCache(tmp_path / "new")
     assert c.get("k") is None and len(c) == 0 and c.info()["entries"] == 0

@@ -202,14 +202,18 @@ def test_load_openclip_config_json_and_directory(tiny_openclip, tiny_openclip_co
         assert load_model(spec).fingerprint == tiny_openclip.fingerprint
 
 
-def test_pretrained_none_gives_random_weights(tiny_openclip_config):
+def test_pretrained_none_gives_seeded_random_weights(tiny_openclip_config, tiny_hf_clip_dir):
+    # The same seed gives the same weights (so runs agree and share cache entries), another seed
+    # other weights, and the caller's global RNG is left exactly where it was.
     torch.manual_seed(1)
+    state = torch.random.get_rng_state()
     a = load_model(tiny_openclip_config, pretrained=None)
-    b = load_model(tiny_openclip_config, pretrained=None)
-    assert a.weights_digest != b.weights_digest and a.fingerprint != b.fingerprint
-    c = tiny_models.build_tiny_openclip(seed=5)
-    d = tiny_models.build_tiny_openclip(seed=5)
-    assert c.fingerprint == d.fingerprint  # seeded random weights are reproducible
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = load_model(tiny_openclip_config, pretrained=None, seed=0)
+    c = load_model(tiny_openclip_config, pretrained=None, seed=1)
+    assert a.fingerprint == b.fingerprint and a.weights_digest != c.weights_digest
+    hf = [load_model(f"hf:{tiny_hf_clip_dir}", pretrained=None, seed=s).fingerprint for s in (3, 3, 4)]
+    assert hf[0] == hf[1] != hf[2]
 
 
 def test_named_openclip_model_with_random_weights():
@@ -412,7 +416,7 @@ def test_load_hf_from_local_dir(which, request):
     torch.testing.assert_close(m.class_embeddings(CLASSES, TEMPLATES), fixture.class_embeddings(CLASSES, TEMPLATES))
     assert not m.model.training and all(not p.requires_grad for p in m.model.parameters())
 
-    rnd = load_model(f"hf:{d}", pretrained=None)
+    rnd = load_model(f"hf:{d}", pretrained=None, seed=1)  # seed 0 would rebuild the fixture itself
     assert rnd.weights_digest != m.weights_digest and rnd.preprocess_cfg == m.preprocess_cfg
 
 
@@ -444,7 +448,7 @@ def test_hf_bad_specs(tmp_path, tiny_openclip):
         load_model(tmp_path / "bert")
     with pytest.raises(ModelSpecError, match="not supported"):
         from_hf(tiny_openclip.model, None)
-    with pytest.raises(ModelSpecError, match="pretrained="):
+    with pytest.raises(ModelSpecError, match="pretrained weights"):
         load_model("hf:google/siglip-base-patch16-224", pretrained="webli")
 
 
@@ -537,4 +541,4 @@ def test_openclip_hf_hub_spec_uses_the_repo_files(tiny_openclip, tiny_openclip_c
     m = load_model("hf-hub:someone/tiny-clip")
     assert m.name == "open_clip:hf-hub:someone/tiny-clip" and m.fingerprint == tiny_openclip.fingerprint
     assert asked == [("someone/tiny-clip", "open_clip_config.json"), ("someone/tiny-clip", None)]
-    assert load_model("open_clip:hf-hub:someone/tiny-clip", pretrained=None).weights_digest != m.weights_digest
+    assert load_model("open_clip:hf-hub:someone/tiny-clip", pretrained=None, seed=1).weights_digest != m.weights_digest

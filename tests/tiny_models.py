@@ -182,3 +182,63 @@ def save_hf(model, processor, directory: str | os.PathLike) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+#: Output size of the tiny image-variation pipeline (UNet sample 16 x VAE factor 2).
+TINY_SD_SIZE = 32
+
+
+def build_tiny_image_variation_pipeline(seed: int = 0):
+    """A ``StableDiffusionImageVariationPipeline`` with random tiny components (a two-block UNet
+    and VAE, the tiny CLIP vision tower with a 16-d projection, the checkpoint's PNDM scheduler settings),
+    no safety checker. It makes 32 x 32 images; 2 inference steps take a few milliseconds."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImageVariationPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SD_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=TINY_SD_SIZE,
+    )
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**HF_TINY_VISION, projection_dim=16))
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop)
+    # lambdalabs/sd-image-variations-diffusers' scheduler_config.json (PNDM, scaled-linear betas)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=vae.eval(),
+        image_encoder=encoder.eval(),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=processor,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

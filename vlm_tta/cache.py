@@ -299,6 +299,13 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass
 
 
+def _select(conn: sqlite3.Connection, columns: str, keys: list[str]) -> Iterable[tuple]:
+    """``SELECT columns`` of the rows with these keys, one query per :data:`QUERY_CHUNK` keys."""
+    for start in range(0, len(keys), QUERY_CHUNK):
+        chunk = keys[start : start + QUERY_CHUNK]
+        yield from conn.execute(f"SELECT {columns} FROM embeddings WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
+
 def _error_class(exc: BaseException) -> str:
     """'corrupt' | 'unwritable' | 'busy' | 'other' for a sqlite3/OS error."""
     msg = str(exc).lower()
@@ -636,23 +643,37 @@ class EmbeddingCache:
             if conn is None:
                 return out
             try:
-                for start in range(0, len(wanted), QUERY_CHUNK):
-                    chunk = wanted[start : start + QUERY_CHUNK]
-                    sql = "SELECT key, dtype, shape, checksum, data FROM embeddings WHERE key IN (%s)" % ",".join(
-                        "?" * len(chunk)
-                    )
-                    for key, dtype, shape, checksum, data in conn.execute(sql, chunk):
-                        arr, status = _decode(key, dtype, shape, checksum, data, self._storage)
-                        if arr is not None:
-                            out[key] = arr
-                        elif status == "damaged":
-                            damaged.append((key, checksum))
+                for key, dtype, shape, checksum, data in _select(conn, "key, dtype, shape, checksum, data", wanted):
+                    arr, status = _decode(key, dtype, shape, checksum, data, self._storage)
+                    if arr is not None:
+                        out[key] = arr
+                    elif status == "damaged":
+                        damaged.append((key, checksum))
             except sqlite3.Error as exc:
                 self._on_error(exc, "read")
                 return out
             if damaged:
                 self._drop_damaged(conn, damaged)
         return out
+
+    def present(self, keys: Sequence[str]) -> set[str]:
+        """The subset of ``keys`` that has a stored row, without reading the rows (one query per
+        :data:`QUERY_CHUNK` keys): what a resumable job asks before it computes the rest. A row
+        found here can still fail its checksum when it is read (it then reads as a miss)."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        if not wanted or not self.enabled:
+            return found
+        self._check_fork()
+        with self._lock:
+            conn = self._open(for_write=False)
+            if conn is None:
+                return found
+            try:
+                found.update(row[0] for row in _select(conn, "key", wanted))
+            except sqlite3.Error as exc:
+                self._on_error(exc, "read")
+        return found
 
     def _drop_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[str, bytes]]) -> None:
         self._warn(

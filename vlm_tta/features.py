@@ -11,16 +11,21 @@ The cache stores raw (un-normalised) image embeddings, as SubTTA needs them; cal
 L2-normalised unless they ask otherwise.
 
 Images are addressed by the hash of their decoded pixels. To find that hash without decoding a file
-again, the cache also remembers ``("file", SHA-256 of the file's bytes)`` -> pixel hash: on a warm
-run an image file is read and hashed (about a tenth of a millisecond for a JPEG) but decoded only if
-some of its views are not cached.
+again, the cache also remembers ``("file", SHA-256 of the file's bytes, EXIF choice)`` -> pixel hash:
+on a warm run an image file is read and hashed (about a tenth of a millisecond for a JPEG) but decoded
+only if some of its views are not cached. The EXIF choice (apply the orientation tag or not) is part
+of that key because the same bytes decode to different pixels under the two choices.
+
+Callers may also hand over views they made themselves (:class:`GivenViews`: a ``V x 3 x H x W``
+tensor of preprocessed views, view 0 the original); they are addressed by the hash of the tensor and
+used as given by every method, whatever recipe it would otherwise ask for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,20 +52,92 @@ class LazyImage:
             self._image = self._load()
         return self._image
 
+    def key_parts(self, view_set: ViewSet, index: int) -> tuple:
+        return view_set.key_parts(index)
 
-def _pixels(image: Image.Image | LazyImage) -> Image.Image:
-    return image.get() if isinstance(image, LazyImage) else image
+    def make_views(
+        self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
+    ) -> torch.Tensor:
+        """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``)."""
+        return view_set.make(
+            self.get(),
+            model.preprocess_cfg,
+            indices=indices,
+            original=model.preprocess,
+            image_hash=self.content_hash,
+            num_workers=num_workers,
+        )
 
 
-def _load(src: Any, name: str) -> Image.Image:
+class GivenViews:
+    """Views a caller made: a ``V x 3 x H x W`` float tensor, preprocessed for the model (its size,
+    mean and std), view 0 the original image. Every method reads them as given: view ``i`` is
+    ``pixels[i]`` whatever recipe the method would otherwise use, so the caller's own augmentations,
+    or another implementation's exact view tensors, can be fed to any method."""
+
+    def __init__(self, pixels: torch.Tensor | np.ndarray, name: str = "views") -> None:
+        t = torch.as_tensor(pixels)
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise ImageError(f"{name}: preprocessed views must be V x 3 x H x W; got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ImageError(f"{name}: preprocessed views must be floating point (normalised pixels); got {t.dtype}")
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise ImageError(f"{name}: preprocessed views contain NaN or infinite values")
+        self.pixels = t
+        self.name = name
+        h = hashlib.sha256(f"given-views:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+        self.content_hash = h.hexdigest()
+
+    def get(self) -> Image.Image:
+        raise ImageError(
+            f"{self.name}: this method needs the image itself, but only preprocessed views were given; "
+            "pass the images (paths, PIL images or arrays) instead"
+        )
+
+    def key_parts(self, view_set: ViewSet, index: int) -> tuple:
+        return ("given", int(index))
+
+    def make_views(
+        self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
+    ) -> torch.Tensor:
+        v = len(self.pixels)
+        if v < view_set.n_views:
+            raise ImageError(
+                f"{self.name}: the method reads {view_set.n_views} views per image but {v} were given; pass "
+                f"at least {view_set.n_views} views (view 0 the original) or lower the method's view count"
+            )
+        h, w = model.preprocess_cfg.image_size
+        if tuple(self.pixels.shape[2:]) != (h, w):
+            raise ImageError(
+                f"{self.name}: views are {tuple(self.pixels.shape[2:])} pixels but the model takes {(h, w)}; "
+                "preprocess them to the model's input size"
+            )
+        return self.pixels if indices is None else self.pixels[list(indices)]
+
+
+ImageSource = Union[LazyImage, GivenViews]
+
+
+def _as_source(image: Any, image_hash: str | None = None) -> ImageSource:
+    if isinstance(image, (LazyImage, GivenViews)):
+        return image
+    if isinstance(image, Image.Image):
+        return LazyImage(lambda image=image: image, image_hash or content_hash(image))
+    raise TypeError(f"expected a PIL image, LazyImage or GivenViews; got {type(image).__name__}")
+
+
+def _load(src: Any, name: str, exif_transpose: bool = True) -> Image.Image:
     try:
-        return load_image(src)
+        return load_image(src, exif_transpose=exif_transpose)
     except ImageError as exc:
         raise ImageError(f"{name}: {exc}") from exc
 
 
-def _file_key(src: Any) -> str | None:
-    """The cache key of an image file's bytes (SHA-256), or None when ``src`` is not a readable file."""
+def _file_key(src: Any, exif_transpose: bool = True) -> str | None:
+    """The cache key of an image file's bytes (SHA-256) and the EXIF choice, or None when ``src`` is
+    not a readable file."""
     if not isinstance(src, (str, os.PathLike)):
         return None
     try:
@@ -71,13 +148,18 @@ def _file_key(src: Any) -> str | None:
                 digest = hashlib.sha256(f.read()).hexdigest()
     except OSError:
         return None
-    return make_key("file", digest)
+    # Entries written before EXIF orientation was applied used the bare digest: that is the
+    # "ignore EXIF" choice, so it keeps the bare key and applying the orientation gets its own.
+    return make_key("file", digest, "exif-applied") if exif_transpose else make_key("file", digest)
 
 
 class FeatureStore:
     """Class and view embeddings of one model, through a (possibly disabled) :class:`EmbeddingCache`.
 
-    ``encode_batch_size`` bounds how many views go through the image encoder at once.
+    ``encode_batch_size`` bounds how many views go through the image encoder at once;
+    ``num_workers`` threads make the views; ``exif_transpose`` applies image files' EXIF orientation
+    (as transformers' image loading does) before anything else. ``stats`` counts cache hits and
+    misses of class and view embeddings (what ``classify`` reports in ``info["cache"]``).
     """
 
     def __init__(
@@ -86,39 +168,65 @@ class FeatureStore:
         cache: EmbeddingCache | None = None,
         encode_batch_size: int = 64,
         num_workers: int = 0,
+        exif_transpose: bool = True,
     ) -> None:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(enabled=False)
         self.encode_batch_size = encode_batch_size
         self.num_workers = num_workers
+        self.exif_transpose = exif_transpose
+        self.stats = {"class_hits": 0, "class_misses": 0, "view_hits": 0, "view_misses": 0}
 
     def class_features(self, classnames: Sequence[str], templates=None, allow_duplicates: bool = False) -> torch.Tensor:
         """C x D L2-normalised class embeddings (templates ensembled as in CLIP)."""
         names = validate_classnames(classnames, allow_duplicates)
         temps = get_templates(templates)
         key = make_key("text", self.model.fingerprint, temps, names)
-        arr = self.cache.get_or_compute(
-            [key], lambda _missing: self.model.class_embeddings(names, temps, allow_duplicates)[None]
-        )
+        computed = []
+
+        def compute(_missing):
+            computed.append(1)
+            return self.model.class_embeddings(names, temps, allow_duplicates)[None]
+
+        arr = self.cache.get_or_compute([key], compute)
+        self.stats["class_misses" if computed else "class_hits"] += 1
         return torch.from_numpy(np.ascontiguousarray(arr[0]))
 
-    def open_images(self, sources: Sequence[Any], names: Sequence[str] | None = None) -> list[LazyImage]:
-        """Lazy images with their content hashes, for paths, PIL images, arrays or tensors.
+    def open_images(
+        self, sources: Sequence[Any], names: Sequence[str] | None = None, errors: list | None = None
+    ) -> list[ImageSource | None]:
+        """Image sources with their content hashes, for paths, PIL images, arrays, tensors or
+        :class:`GivenViews`.
 
         Files whose identity the cache has seen are not decoded here (their hash is read back);
-        everything else is decoded once, hashed and kept decoded. Decoding errors are
-        :class:`~vlm_tta.errors.ImageError` prefixed with the source's name (``names[i]``).
+        everything else is decoded once, hashed and kept decoded. A source that cannot be read raises
+        :class:`~vlm_tta.errors.ImageError` prefixed with its name (``names[i]``) — or, when an
+        ``errors`` list is given, is appended to it as ``(position, name, message)`` and returned as None.
         """
         names = list(names) if names is not None else [f"image #{i}" for i in range(len(sources))]
-        file_keys = [_file_key(src) for src in sources]
+        file_keys = [_file_key(src, self.exif_transpose) for src in sources]
         known = self.cache.get_many([k for k in file_keys if k is not None])
-        out: list[LazyImage] = []
+        out: list[ImageSource | None] = []
         new_files: list[tuple[str, np.ndarray]] = []
-        for src, name, fkey in zip(sources, names, file_keys):
-            if fkey is not None and fkey in known:
-                out.append(LazyImage(lambda src=src, name=name: _load(src, name), known[fkey].tobytes().hex()))
+        for pos, (src, name, fkey) in enumerate(zip(sources, names, file_keys)):
+            if isinstance(src, GivenViews):
+                out.append(src)
                 continue
-            image = _load(src, name)
+            if fkey is not None and fkey in known:
+                out.append(
+                    LazyImage(
+                        lambda src=src, name=name: _load(src, name, self.exif_transpose), known[fkey].tobytes().hex()
+                    )
+                )
+                continue
+            try:
+                image = _load(src, name, self.exif_transpose)
+            except ImageError as exc:
+                if errors is None:
+                    raise
+                errors.append((pos, name, str(exc)))
+                out.append(None)
+                continue
             lazy = LazyImage(lambda image=image: image, content_hash(image))
             lazy.get()
             out.append(lazy)
@@ -130,24 +238,31 @@ class FeatureStore:
 
     def view_features(
         self,
-        images: Sequence[Image.Image | LazyImage],
+        images: Sequence[Image.Image | ImageSource],
         view_set: ViewSet,
         normalize: bool = True,
         hashes: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """N x V x D embeddings of the views of RGB ``images`` (PIL or :class:`LazyImage`;
-        V = ``view_set.n_views``).
+        """N x V x D embeddings of the views of ``images`` (RGB PIL images, :class:`LazyImage` or
+        :class:`GivenViews`; V = ``view_set.n_views``).
 
-        Only views missing from the cache are generated and encoded, in batches of
-        ``encode_batch_size``; a lazy image is decoded only if some of its views are missing.
+        Only views missing from the cache are made and encoded, in batches of ``encode_batch_size``;
+        a lazy image is decoded only if some of its views are missing.
         """
-        n, v = len(images), view_set.n_views
+        if hashes is not None and len(hashes) != len(images):
+            raise ValueError(f"got {len(hashes)} image hashes for {len(images)} images")
+        sources = [_as_source(img, None if hashes is None else hashes[i]) for i, img in enumerate(images)]
+        n, v = len(sources), view_set.n_views
         if hashes is None:
-            hashes = [img.content_hash if isinstance(img, LazyImage) else content_hash(img) for img in images]
+            hashes = [src.content_hash for src in sources]
         fp = self.model.fingerprint
-        keys = [make_key("view", fp, h, *view_set.key_parts(j)) for h in hashes for j in range(v)]
+        keys = [
+            make_key("view", fp, h, *src.key_parts(view_set, j)) for src, h in zip(sources, hashes) for j in range(v)
+        ]
+        n_missing = [0]
 
         def compute(missing: list[int]) -> np.ndarray:
+            n_missing[0] = len(missing)
             # Group the missing (image, view) pairs by image so each image's views are made once.
             by_image: dict[int, list[int]] = {}
             for flat in missing:
@@ -165,15 +280,7 @@ class FeatureStore:
                     pending_pixels.clear()
 
             for i, view_ids in by_image.items():
-                pixels = view_set.make(
-                    _pixels(images[i]),
-                    self.model.preprocess_cfg,
-                    indices=view_ids,
-                    original=self.model.preprocess,
-                    image_hash=hashes[i],
-                    num_workers=self.num_workers,
-                )
-                pending_pixels.append(pixels)
+                pending_pixels.append(sources[i].make_views(view_set, self.model, view_ids, self.num_workers))
                 pending_rows.extend(row_of[i * v + j] for j in view_ids)
                 if len(pending_rows) >= self.encode_batch_size:
                     flush()
@@ -181,6 +288,8 @@ class FeatureStore:
             return out
 
         arr = self.cache.get_or_compute(keys, compute) if keys else np.empty((0, self.model.embed_dim), np.float32)
+        self.stats["view_misses"] += n_missing[0]
+        self.stats["view_hits"] += len(keys) - n_missing[0]
         feats = torch.from_numpy(np.ascontiguousarray(arr)).view(n, v, -1)
         return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
@@ -205,30 +314,28 @@ def encoder_call_counter(model: VisionLanguageModel) -> Callable[[], dict[str, i
 
 class Sample:
     """One test image as a model-level method sees it: its pixels, its views and their embeddings,
-    each made on first access (embeddings through the store's cache)."""
+    each made on first access (embeddings through the store's cache). When the caller gave
+    preprocessed views (:class:`GivenViews`), ``views`` returns those and ``image`` raises."""
 
-    def __init__(self, index: int, image: Image.Image | LazyImage, store: FeatureStore) -> None:
+    def __init__(self, index: int, image: Image.Image | ImageSource, store: FeatureStore) -> None:
         self.index = index
-        self._image = image
+        self._image = _as_source(image)
         self.store = store
-        self.image_hash = image.content_hash if isinstance(image, LazyImage) else content_hash(image)
+        self.image_hash = self._image.content_hash
 
     @property
     def image(self) -> Image.Image:
         """The RGB pixels (decoded on first access)."""
-        return _pixels(self._image)
+        return self._image.get()
+
+    @property
+    def has_image(self) -> bool:
+        """False when only preprocessed views were given (no raw pixels to make other views from)."""
+        return not isinstance(self._image, GivenViews)
 
     def views(self, view_set: ViewSet, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Model-ready pixels of the views (len(indices) x 3 x H x W; all views by default)."""
-        model = self.store.model
-        return view_set.make(
-            self.image,
-            model.preprocess_cfg,
-            indices=indices,
-            original=model.preprocess,
-            image_hash=self.image_hash,
-            num_workers=self.store.num_workers,
-        )
+        return self._image.make_views(view_set, self.store.model, indices, self.store.num_workers)
 
     def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
         """V x D embeddings of the views (read from the cache when present)."""

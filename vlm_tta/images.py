@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -103,18 +103,32 @@ def _array_to_rgb(arr: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode=mode))
 
 
-def load_image(src: ImageLike) -> Image.Image:
+def _oriented(img: Image.Image) -> Image.Image:
+    """``img`` turned upright by its EXIF orientation tag (a phone photo taken upright is stored on its
+    side with tag 6 or 8); unchanged when it has no tag."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is ignored, as browsers do
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+
+
+def load_image(src: ImageLike, exif_transpose: bool = True) -> Image.Image:
     """Decode ``src`` (a path, PIL image, numpy array or torch tensor) into an RGB PIL image.
 
     Arrays/tensors are ``HxW``, ``HxWxC`` or ``CxHxW`` (C in 1, 3, 4), uint8 in 0..255, uint16, or
     float in [0, 1]. Raises :class:`~vlm_tta.errors.ImageError` with the reason on anything else.
+
+    ``exif_transpose`` (default True) applies the EXIF orientation of files and PIL images, as
+    transformers' image loading does; pass False to reproduce reference pipelines that ignore it
+    (``PIL.Image.open(...).convert("RGB")``, as TPT and most TTA code bases do).
     """
     if isinstance(src, Image.Image):
         try:
             src.load()
         except OSError as exc:
             raise ImageError(f"could not decode the PIL image: {exc}") from exc
-        return to_rgb(src)
+        return to_rgb(_oriented(src) if exif_transpose else src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
@@ -122,6 +136,10 @@ def load_image(src: ImageLike) -> Image.Image:
         try:
             with Image.open(path) as img:
                 img.load()
+                if exif_transpose:
+                    upright = _oriented(img)
+                    if upright is not img:
+                        return to_rgb(upright)
                 return to_rgb(img) if img.mode != "RGB" else img.copy()
         except ImageError as exc:
             raise ImageError(f"{path}: {exc}") from exc

@@ -43,7 +43,7 @@ def _read_set(name: str) -> tuple[str, ...]:
             f"unknown template set {name!r}.{hint} Known sets: {', '.join(known)}; or pass a list of "
             "templates such as ['a photo of a {}.'], or a path to a text file with one template per line."
         )
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     return tuple(validate_templates([line for line in lines if line]))
 
 
@@ -60,7 +60,7 @@ def get_templates(templates: Templates | None = None) -> list[str]:
             path = Path(text)
             if not path.is_file():
                 raise TemplateError(f"template file not found: {path}")
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
             return validate_templates([line for line in lines if line])
         return list(_read_set(text))
     return validate_templates(list(templates))

@@ -48,7 +48,7 @@ def read_split_json(
         return names
     scan.files.append(split_file)
     try:
-        data = json.loads(split_file.read_text(encoding="utf-8"))
+        data = json.loads(split_file.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         scan.problems.append(f"split file {split_file} is not valid JSON: {exc}")
         return names
@@ -416,7 +416,7 @@ class FGVCAircraft(Reader):
         if scan.problems:
             return scan
         scan.files += [variants_file, split_file]
-        variants = [ln.strip() for ln in variants_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        variants = [ln.strip() for ln in variants_file.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         if len(variants) != len(set(variants)):
             scan.problems.append(f"{variants_file} lists a variant twice")
             return scan
@@ -431,7 +431,7 @@ class FGVCAircraft(Reader):
         label_of = {v: i for i, v in enumerate(variants)}
         joiner = SafeJoiner(image_dir)
         unknown, bad, escapes, missing = [], [], [], []
-        for lineno, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(split_file.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.strip().split(" ", 1)

@@ -37,7 +37,7 @@ def read_classnames(classnames: ClassNames) -> list[str]:
         if not p.is_file():
             raise DatasetError(f"class-name file {p} does not exist (expected one class name per line)")
         try:
-            names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            names = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         except UnicodeDecodeError as exc:
             raise DatasetError(f"class-name file {p} is not UTF-8 text: {exc}") from None
         src = str(p)

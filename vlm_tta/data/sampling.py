@@ -77,7 +77,7 @@ def write_json_atomic(path: PathLike, obj: Any) -> Path:
 
 def _read_json(path: Path, fmt: str) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DatasetError(f"{path} does not exist") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

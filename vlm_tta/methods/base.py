@@ -103,6 +103,9 @@ class Method:
     #: feature-level methods that read the encoder's raw (un-normalised) image embeddings (AdaND's
     #: detector); all others get L2-normalised ones.
     raw_features: ClassVar[bool] = False
+    #: the prompt template set the method uses when the caller names none (``sts_ensemble``: ``clip7``);
+    #: None means the toolkit's default (``single``).
+    default_templates: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None:
@@ -186,6 +189,93 @@ def make_config(config_class: type, options: dict, method_name: str = ""):
             f"Valid options: {', '.join(sorted(fields)) or 'none'}"
         )
     return config_class(**options)
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+    args = typing.get_args(tp)
+    if origin in (tuple, list):
+        inner = _type_name(args[0]) if args else "value"
+        return f"a comma-separated list of {inner}"
+    return " or ".join(_type_name(a) for a in args)
+
+
+def _coerce(text: str, tp: Any) -> Any:
+    """``text`` converted to the annotation ``tp``; ValueError when it does not fit."""
+    import json
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(text, arg)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is typing.Literal:
+        for value in typing.get_args(tp):
+            if str(value) == text:
+                return value
+        raise ValueError(text)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        stripped = text.strip()
+        parts = json.loads(stripped) if stripped.startswith("[") else [p for p in stripped.split(",") if p.strip()]
+        if not isinstance(parts, list):
+            raise ValueError(text)
+        if len(args) > 1 and len(parts) != len(args):
+            raise ValueError(text)
+        items = [
+            _coerce(str(p).strip(), args[i] if len(args) > 1 else (args[0] if args else str))
+            for i, p in enumerate(parts)
+        ]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "yes", "on", "1"):
+            return True
+        if low in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(text)
+    if tp is int:
+        return int(text.strip())
+    if tp is float:
+        value = float(text.strip())
+        return value
+    if tp is str or tp is Any:
+        return text
+    return json.loads(text)  # anything else: a JSON literal
+
+
+def parse_option_text(method: str, key: str, text: str) -> Any:
+    """A method option given as text (``vlm-tta ... -o key=value``) converted to the type its config
+    declares; a clear :class:`MethodOptionError` naming the option and the type when it does not fit.
+    Unknown keys come back unchanged (the config reports them with the valid names)."""
+    import typing
+
+    config_class = get_method_class(method).config_class
+    if not dataclasses.is_dataclass(config_class):
+        return text
+    hints = typing.get_type_hints(config_class)
+    if key not in hints:
+        return text
+    try:
+        return _coerce(text, hints[key])
+    except (ValueError, TypeError):
+        raise MethodOptionError(
+            f"option {key!r} of method {get_method_class(method).name!r} expects {_type_name(hints[key])}; got {text!r}"
+        ) from None
 
 
 # ---------------------------------------------------------------------- registry

@@ -28,6 +28,7 @@ def load_model(
     cache_dir: str | None = None,
     tokenizer: Any = None,
     preprocess_cfg: Mapping | None = None,
+    seed: int = 0,
 ) -> VisionLanguageModel:
     """Load a frozen CLIP/SigLIP backbone from a spec.
 
@@ -52,8 +53,9 @@ def load_model(
     * ``"default"``: open_clip names: the ``@tag`` if given, else ``openai`` when the name has it, else
       the first of ``open_clip.list_pretrained_tags_by_model(name)``; ``hf:`` / ``hf-hub:`` /
       directories: their own weights; config dicts and JSON files have none (pass a checkpoint or None);
-    * ``None``: random weights (tests, speed measurements); with ``name@tag`` the tag still sets the
-      preprocessing and QuickGELU;
+    * ``None``: random weights drawn from ``seed`` (tests, speed measurements): the same seed gives the
+      same weights, hence the same predictions and the same cache entries; with ``name@tag`` the tag
+      still sets the preprocessing and QuickGELU;
     * an open_clip tag (``"laion2b_s34b_b79k"``) or a local checkpoint path (``.safetensors``, or
       ``.bin``/``.pt``/``.pth`` read with ``torch.load(weights_only=True)``) for open_clip specs. With a
       path, preprocessing comes from the ``@tag`` if one is given, else the name's default tag.
@@ -74,6 +76,7 @@ def load_model(
         preprocess_cfg: overrides of the backbone's preprocessing (keys ``image_size``, ``mean``,
             ``std``, ``interpolation``, ``resize_mode``, ``fill_color``; transformers: mean, std,
             interpolation). They change the fingerprint.
+        seed: the seed of random weights (``pretrained=None`` only); the caller's RNG state is untouched.
 
     Returns:
         A :class:`VisionLanguageModel` in eval mode with gradients off; ``.model`` is the raw module.
@@ -82,12 +85,29 @@ def load_model(
         ModelSpecError: unknown name/tag/architecture (with close matches), missing file, weights
             unavailable offline, or a checkpoint that does not fit the architecture.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        from ..errors import OptionError
+
+        raise OptionError(f"seed must be an integer; got {seed!r}")
+    if pretrained is None:
+        import torch
+
+        # Random weights from a private seed: repeatable, and the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _load(spec, None, device, precision, trust_remote_code, cache_dir, tokenizer, preprocess_cfg)
+    return _load(spec, pretrained, device, precision, trust_remote_code, cache_dir, tokenizer, preprocess_cfg)
+
+
+def _load(spec, pretrained, device, precision, trust_remote_code, cache_dir, tokenizer, preprocess_cfg):
     backend, target = _route(spec)
     if backend == "hf":
         if tokenizer is not None:
             from ..errors import ModelSpecError
 
-            raise ModelSpecError("tokenizer= is for open_clip models; a transformers model uses its processor's")
+            raise ModelSpecError(
+                "a separate tokenizer is only used by open_clip models; a transformers model uses its processor's"
+            )
         from .huggingface import load_hf
 
         return load_hf(

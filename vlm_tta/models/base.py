@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..errors import ClassNamesError, ModelSpecError, TemplateError
+from ..errors import FIX, ClassNamesError, ModelSpecError, TemplateError
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def validate_classnames(classnames: Sequence[str], allow_duplicates: bool = Fals
         if key in seen:
             raise ClassNamesError(
                 f"class name {name!r} appears twice (positions {seen[key]} and {i}); class names must be unique "
-                "(pass allow_duplicate_classnames=True if two classes really share a name)"
+                f"(pass {FIX} if two classes really share a name)",
+                fix={"allow_duplicate_classnames": True},
             )
         seen[key] = i
     return names
@@ -219,8 +220,54 @@ class VisionLanguageModel(ABC):
         names = validate_classnames(classnames, allow_duplicates)
         temps = validate_templates(templates)
         texts = [t.format(name) for name in names for t in temps]
+        self.check_prompts(names, temps, allow_duplicates)
         emb = self.encode_texts(texts, normalize=True).view(len(names), len(temps), -1)
         return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1)
+
+    def prompt_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(token ids exactly as the text encoder sees them (N x L), cut (N,) bool)``, where ``cut``
+        marks texts longer than the context length; None when the backend cannot tell."""
+        return None
+
+    def check_prompts(
+        self, classnames: Sequence[str], templates: Sequence[str], allow_duplicates: bool = False
+    ) -> None:
+        """Refuse class names whose prompts the tokenizer cannot tell apart (CLIP lowercases: "Cat"
+        and "cat"; two long names that differ only after the context length), which would give
+        identical embeddings and a meaningless tie; warn when a prompt is cut at the context length."""
+        texts = [t.format(name) for name in classnames for t in templates]
+        tokens = self.prompt_tokens(texts)
+        if tokens is None:
+            return
+        ids, cut = tokens
+        n_t = len(templates)
+        per_class = ids.reshape(len(classnames), n_t * ids.shape[1]).cpu().numpy()
+        if not allow_duplicates:
+            groups: dict[bytes, list[int]] = {}
+            for c, row in enumerate(per_class):
+                groups.setdefault(row.tobytes(), []).append(c)
+            clashes = [g for g in groups.values() if len(g) > 1]
+            if clashes:
+                shown = "; ".join(" = ".join(f"{classnames[c]!r} (#{c})" for c in g) for g in clashes[:5])
+                more = f" and {len(clashes) - 5} more group(s)" if len(clashes) > 5 else ""
+                raise ClassNamesError(
+                    f"these classes give identical prompts after tokenization, so the model cannot tell them apart: "
+                    f"{shown}{more}. This tokenizer lowercases, strips accents/extra spaces or cuts prompts at its "
+                    f"context length; rename them, or pass {FIX} to accept the tie",
+                    fix={"allow_duplicate_classnames": True},
+                )
+        cut_classes = sorted({i // n_t for i in torch.nonzero(cut).flatten().tolist()})
+        if cut_classes:
+            import warnings
+
+            shown = ", ".join(repr(_abbrev(classnames[c])) for c in cut_classes[:10])
+            more = f" and {len(cut_classes) - 10} more" if len(cut_classes) > 10 else ""
+            warnings.warn(
+                f"the prompts of {len(cut_classes)} class(es) are longer than the text encoder's context length "
+                f"({ids.shape[1]} tokens) and were cut: {shown}{more}; shorten these class names",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
 
     def logits(self, image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
         """``logit_scale * cos(image, class) (+ logit_bias)`` for L2-normalised inputs (... x D, C x D)."""
@@ -233,11 +280,40 @@ class VisionLanguageModel(ABC):
         return f"{type(self).__name__}({self.name!r}, device={self.device}, precision={self.precision})"
 
 
+def _abbrev(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A class prompt is longer than the text encoder's context length and was cut."""
+
+
 def resolve_device(device=None) -> torch.device:
-    """``device`` as a :class:`torch.device`; None means CUDA when available, else CPU."""
+    """``device`` as a :class:`torch.device`; None means CUDA when available, else CPU. A device that
+    does not exist or is not available here is a :class:`~vlm_tta.errors.ModelSpecError`."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ModelSpecError(
+            f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)",
+            fix={"device": "cpu"},
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelSpecError(
+                f"device {device!r} was asked for but CUDA is not available on this machine "
+                f"(torch.cuda.is_available() is False); use {FIX}",
+                fix={"device": "cpu"},
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelSpecError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelSpecError(
+            f"device {device!r}: MPS is not available on this machine; use {FIX}", fix={"device": "cpu"}
+        )
+    return dev
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:

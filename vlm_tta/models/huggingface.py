@@ -31,8 +31,9 @@ _LOCAL_DIR_HINT = (
     "(preprocessor_config.json or processor_config.json, plus the tokenizer files, e.g. tokenizer.json / "
     "vocab.json+merges.txt for CLIP or "
     "spiece.model for SigLIP), as written by model.save_pretrained(DIR) and processor.save_pretrained(DIR) "
-    "or `huggingface-cli download <id> --local-dir DIR`; then pass 'hf:/path/to/DIR'"
+    "or `huggingface-cli download <id> --local-dir DIR`; then pass <fix>"
 )
+_LOCAL_DIR_FIX = {"model": "hf:/path/to/DIR"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -194,6 +195,12 @@ class HFModel(TorchBackbone):
             out["attention_mask"] = enc["attention_mask"].to(self.device)
         return out
 
+    def prompt_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        texts = list(texts)
+        ids = self.tokenize(texts)["input_ids"].cpu()
+        full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        return ids, torch.tensor([len(x) > self.max_length for x in full], dtype=torch.bool)
+
     # -- VisionLanguageModel
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -254,15 +261,18 @@ def load_hf(
     if local:
         path = Path(os.path.expanduser(source))
         if not path.is_dir():
-            raise ModelSpecError(f"transformers model directory not found: {path}. Pass {_LOCAL_DIR_HINT}")
+            raise ModelSpecError(
+                f"transformers model directory not found: {path}. Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX
+            )
         if not (path / "config.json").is_file():
-            raise ModelSpecError(f"{path} has no config.json. Pass {_LOCAL_DIR_HINT}")
+            raise ModelSpecError(f"{path} has no config.json. Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX)
         source = str(path)
     if pretrained not in ("default", None):
         raise ModelSpecError(
-            f"pretrained={pretrained!r} is not understood for a transformers model: use 'default' (the weights of "
-            "the hub id / directory) or None (random weights from its config); for other weights pass "
-            + _LOCAL_DIR_HINT
+            f"pretrained weights {pretrained!r} are not understood for a transformers model: use the default (the "
+            "weights of the hub id / directory) or none (random weights from its config); for other weights pass "
+            + _LOCAL_DIR_HINT,
+            fix=_LOCAL_DIR_FIX,
         )
     what = f"transformers model {source!r}"
     offline = f"could not load {what}"
@@ -271,7 +281,8 @@ def load_hf(
         config = transformers.AutoConfig.from_pretrained(source, **common)
     except Exception as err:
         raise ModelSpecError(
-            f"{offline} (config: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+            f"{offline} (config: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}",
+            fix=_LOCAL_DIR_FIX,
         ) from err
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -286,7 +297,8 @@ def load_hf(
     except Exception as err:
         raise ModelSpecError(
             f"{offline} (processor/tokenizer: {_short(err)}). "
-            f"If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+            f"If it is not available offline, pass instead {_LOCAL_DIR_HINT}",
+            fix=_LOCAL_DIR_FIX,
         ) from err
     _apply_preprocess_overrides(getattr(processor, "image_processor", processor), preprocess_cfg)
     if pretrained is None:
@@ -298,7 +310,9 @@ def load_hf(
             has_st = any(Path(source).glob("*.safetensors"))
             has_bin = any(Path(source).glob("*.bin"))
             if not has_st and not has_bin:
-                raise ModelSpecError(f"{source} has no weights (model.safetensors). Pass {_LOCAL_DIR_HINT}")
+                raise ModelSpecError(
+                    f"{source} has no weights (model.safetensors). Pass {_LOCAL_DIR_HINT}", fix=_LOCAL_DIR_FIX
+                )
             use_safetensors = True if has_st else None
         try:
             model = model_cls.from_pretrained(
@@ -306,7 +320,8 @@ def load_hf(
             )
         except Exception as err:
             raise ModelSpecError(
-                f"{offline} (weights: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}"
+                f"{offline} (weights: {_short(err)}). If it is not available offline, pass instead {_LOCAL_DIR_HINT}",
+                fix=_LOCAL_DIR_FIX,
             ) from err
         label = f"hf:{source}"
     return HFModel(model, processor, name=label, device=device, precision=precision)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from ..errors import ModelSpecError
+from ..errors import FIX, ModelSpecError
 from .base import PreprocessConfig, TorchBackbone
 
 #: File suffixes treated as checkpoints when ``pretrained`` is a path.
@@ -196,6 +196,17 @@ class OpenClipModel(TorchBackbone):
         """Token ids (N x context_length) on ``device``."""
         return self.tokenizer(list(texts)).to(self.device)
 
+    def prompt_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        texts = list(texts)
+        ids = self.tokenizer(texts)
+        ctx = ids.shape[1]
+        try:  # one position more than the model reads: a prompt was cut iff it reaches that position
+            longer = self.tokenizer(texts, context_length=ctx + 1)
+        except TypeError:  # a user's tokenizer without a context_length argument: cannot tell
+            return ids, torch.zeros(len(texts), dtype=torch.bool)
+        pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
+        return ids, longer[:, ctx] != (0 if pad is None else pad)
+
     # -- VisionLanguageModel
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -264,13 +275,14 @@ def _checkpoint_path(value: str | os.PathLike, what: str) -> str:
         if found is None:
             raise ModelSpecError(
                 f"no checkpoint in directory {path} (looked for *.safetensors, *.bin, *.pth); pass the "
-                f"checkpoint file itself for {what}, e.g. pretrained='{path / 'open_clip_model.safetensors'}'"
+                f"checkpoint file itself for {what}, e.g. {FIX}",
+                fix={"pretrained": str(path / "open_clip_model.safetensors")},
             )
         return found
     if not path.is_file():
         raise ModelSpecError(
-            f"checkpoint file not found: {path} (pretrained= for {what} must be an existing "
-            ".safetensors/.bin/.pt file, a known pretrained tag, or None for random weights)"
+            f"checkpoint file not found: {path} (the pretrained weights of {what} must be an existing "
+            ".safetensors/.bin/.pt file, a known pretrained tag, or none for random weights)"
         )
     return str(path)
 
@@ -296,24 +308,24 @@ def _download(name: str, tag: str, tag_cfg: Mapping, cache_dir, tokenizer_name: 
     import open_clip.pretrained as ocp
 
     where, filename = _hf_file_hint(tag_cfg)
-    hint = (
-        f"On a machine with internet access download {where} and pass the file: "
-        f"load_model('{name}@{tag}', pretrained='/path/to/{filename}')"
-    )
+    fix = {"model": f"{name}@{tag}", "pretrained": f"/path/to/{filename}"}
+    hint = f"On a machine with internet access download {where} and pass the file: {FIX}"
     if tokenizer_name:
         hint += (
             f". Its tokenizer comes from the Hugging Face repo {tokenizer_name!r} too: save it "
-            f"(huggingface-cli download {tokenizer_name} --local-dir TOKDIR) and add tokenizer='/path/to/TOKDIR'"
+            f"(huggingface-cli download {tokenizer_name} --local-dir TOKDIR) and pass it as well"
         )
+        fix["tokenizer"] = "/path/to/TOKDIR"
     try:
         path = ocp.download_pretrained(dict(tag_cfg), cache_dir=cache_dir)
     except Exception as err:  # any network / hub / offline error
         raise ModelSpecError(
             f"the weights of open_clip model {name!r} (pretrained tag {tag!r}) are not available offline and "
-            f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). " + hint
+            f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). " + hint,
+            fix=fix,
         ) from err
     if not path or not os.path.isfile(path):
-        raise ModelSpecError(f"open_clip returned no weights file for {name!r}/{tag!r}. " + hint)
+        raise ModelSpecError(f"open_clip returned no weights file for {name!r}/{tag!r}. " + hint, fix=fix)
     return path
 
 
@@ -389,7 +401,8 @@ def _build_tokenizer(
             f"the tokenizer of {what} (Hugging Face tokenizer {hf_name!r}) is not available offline and could not "
             f"be downloaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). On a machine "
             f"with internet access save it (huggingface-cli download {hf_name} --local-dir DIR, or "
-            "AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) and pass tokenizer='/path/to/DIR'"
+            f"AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) and pass {FIX}",
+            fix={"tokenizer": "/path/to/DIR"},
         ) from err
 
 
@@ -436,8 +449,8 @@ def _load_custom(
     if pretrained == "default":
         if default_checkpoint is None:
             raise ModelSpecError(
-                f"{what} comes without weights: pass pretrained='/path/to/checkpoint.safetensors' "
-                "(or .bin/.pt), or pretrained=None for random weights"
+                f"{what} comes without weights: pass {FIX} (or a .bin/.pt file), or none for random weights",
+                fix={"pretrained": "/path/to/checkpoint.safetensors"},
             )
         checkpoint = default_checkpoint
     elif pretrained is None:
@@ -486,11 +499,12 @@ def _load_hf_hub(repo: str, *, pretrained, cache_dir, **kw) -> OpenClipModel:
     hint = (
         f"On a machine with internet access download {_CONFIG_FILE} and {HF_SAFE_WEIGHTS_NAME} (or {HF_WEIGHTS_NAME}) "
         f"plus the tokenizer files from https://huggingface.co/{repo} into one directory "
-        f"(huggingface-cli download {repo} --local-dir DIR) and pass load_model('/path/to/DIR')"
+        f"(huggingface-cli download {repo} --local-dir DIR) and pass {FIX}"
     )
+    fix = {"model": "/path/to/DIR"}
     try:
         config_path = ocp.download_pretrained_from_hf(repo, filename=_CONFIG_FILE, cache_dir=cache_dir)
-        with open(config_path, encoding="utf-8") as f:
+        with open(config_path, encoding="utf-8-sig") as f:
             cfg = json.load(f)
         checkpoint = None
         if pretrained == "default":
@@ -498,7 +512,8 @@ def _load_hf_hub(repo: str, *, pretrained, cache_dir, **kw) -> OpenClipModel:
     except Exception as err:
         raise ModelSpecError(
             f"open_clip model hf-hub:{repo} is not available offline and could not be downloaded "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). " + hint
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). " + hint,
+            fix=fix,
         ) from err
     cfg = dict(cfg)
     cfg.setdefault("name", f"hf-hub:{repo}")
@@ -520,7 +535,7 @@ def _load_dir(path: Path, *, pretrained, **kw) -> OpenClipModel:
         raise ModelSpecError(f"{path} has no {_CONFIG_FILE}; an open_clip model directory needs one")
     import open_clip.factory as ocf
 
-    with open(config_file, encoding="utf-8") as f:
+    with open(config_file, encoding="utf-8-sig") as f:
         cfg = json.load(f)
     return _load_custom(
         cfg,
@@ -563,7 +578,7 @@ def load_openclip(
         if not path.is_file():
             raise ModelSpecError(f"open_clip model config file not found: {path}")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 cfg = json.load(f)
         except (OSError, ValueError) as err:
             raise ModelSpecError(f"could not read open_clip model config {path}: {err}") from err
@@ -611,8 +626,8 @@ def _load_named(
             tag = "openai" if "openai" in tags else (tags[0] if tags else None)
         if tag is None:
             raise ModelSpecError(
-                f"open_clip knows no pretrained weights for {name!r}: pass pretrained='/path/to/checkpoint' "
-                "or pretrained=None for random weights"
+                f"open_clip knows no pretrained weights for {name!r}: pass {FIX}, or none for random weights",
+                fix={"pretrained": "/path/to/checkpoint.safetensors"},
             )
         download = True
     elif pretrained is not None:
