@@ -2,6 +2,7 @@
 output, few-shot static memory (embeddings and images), the trained variant, the test-label search
 helper, and end to end on a tiny model."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,7 +16,14 @@ from vlm_tta.cache import as_cache
 from vlm_tta.errors import MethodOptionError
 from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
-from vlm_tta.methods.dmn import DMNBiases, direct_readout, gram, gram_readout, search_fusion_weights_on_test_labels
+from vlm_tta.methods.dmn import (
+    DMNBiases,
+    DMNConfig,
+    direct_readout,
+    gram,
+    gram_readout,
+    search_fusion_weights_on_test_labels,
+)
 
 
 def _setup(classes, scale=10.0, extras=None, **opts):
@@ -209,34 +217,41 @@ def test_few_shot_errors():
 
 
 def test_few_shot_support_images_go_through_the_shared_cache(tiny_openclip, tmp_path):
+    from vlm_tta.data import ImageFolderDataset
+    from vlm_tta.views import ViewSet
+
     classes = ["cat", "dog"]
     rng = np.random.default_rng(0)
     for name in classes:
         (tmp_path / "support" / name).mkdir(parents=True)
-        for j in range(2):
+        for j in range(3):
             pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "support" / name / f"{j}.png")
-    store = FeatureStore(tiny_openclip, as_cache(tmp_path / "cache"))
-    text = store.class_features(classes)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    opts = dict(support=str(tmp_path / "support"), shots=2, support_views=3, n_views=10)
     calls = encoder_call_counter(tiny_openclip)
-    opts = dict(support=str(tmp_path / "support"), support_views=3, n_views=10)
     m = create_method("dmn", **opts)
-    m.setup(MethodContext(text, tiny_openclip.logit_scale, None, classes, tiny_openclip, store))
+    first = vlm_tta.classify(images, classes, method=m, model=tiny_openclip, cache_dir=tmp_path / "cache")
     encoded = calls()["images"]
-    assert encoded > 0 and m.static.shape[:2] == (2, 1 + 2 * 3)
-    m2 = create_method("dmn", **opts)
-    m2.setup(MethodContext(text, tiny_openclip.logit_scale, None, classes, tiny_openclip, store))
-    assert calls()["images"] == encoded  # the support views come from the cache
-    torch.testing.assert_close(m2.static, m.static)
-    # the same support passed as embeddings builds the same memory
-    from vlm_tta.data import ImageFolderDataset
-    from vlm_tta.views import ViewSet
-
-    ds = ImageFolderDataset(tmp_path / "support")
-    feats = store.view_features(store.open_images(ds.paths), ViewSet("crop_flip_dmn", 3))
-    extras = {"support_features": feats, "support_labels": ds.labels}
-    m3 = _setup(text, tiny_openclip.logit_scale, extras, support_views=3, n_views=10)
-    torch.testing.assert_close(m3.static, m.static)
+    assert encoded > 0 and m.static.shape[:2] == (2, 1 + 2 * 3)  # text + 2 shots x 3 views per class
+    again = vlm_tta.classify(images, classes, method="dmn", model=tiny_openclip, cache_dir=tmp_path / "cache", **opts)
+    assert calls()["images"] == encoded  # support and test views all come from the cache
+    np.testing.assert_allclose(again.probs, first.probs, rtol=1e-5, atol=1e-6)
+    # the same support set passed as embeddings gives the same predictions
+    store = FeatureStore(tiny_openclip, as_cache(tmp_path / "cache"))
+    support = vlm_tta.data.few_shot(ImageFolderDataset(tmp_path / "support"), 2, seed=0)
+    feats = store.view_features(store.open_images(support.paths), ViewSet("crop_flip_dmn", 3))
+    res = vlm_tta.classify_features(
+        store.view_features(images, m.view_set()),
+        store.class_features(classes),
+        method="dmn",
+        logit_scale=tiny_openclip.logit_scale,
+        support_features=feats,
+        support_labels=support.labels,
+        **{k: v for k, v in opts.items() if k not in ("support", "shots")},
+    )
+    assert calls()["images"] == encoded
+    np.testing.assert_allclose(res.probs, first.probs, rtol=1e-5, atol=1e-6)
 
 
 def test_trained_variant_learns_biases_that_lower_the_training_loss():
@@ -313,3 +328,13 @@ def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_feature
     assert calls()["images"] == before
     np.testing.assert_allclose(res.probs, first.probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(first.probs.sum(1), 1.0, rtol=1e-5)
+    assert 1 <= first.info["dmn_memory_entries"] <= 5
+
+
+def test_cli_lists_every_option_with_its_default(capsys):
+    from vlm_tta.cli import main
+
+    assert main(["methods"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("dmn "))
+    for f in dataclasses.fields(DMNConfig):
+        assert f"{f.name}={f.default!r}" in line

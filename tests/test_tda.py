@@ -1,6 +1,7 @@
 """TDA: cache rules, the negative window and mask, multi-view summaries, presets, stream semantics,
 and end to end on a tiny model."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import vlm_tta
 from vlm_tta.errors import FeatureError, MethodOptionError
 from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
-from vlm_tta.methods.tda import ClassCache
+from vlm_tta.methods.tda import ClassCache, TDAConfig
 
 EYE = torch.eye(4)  # class k's embedding is the k-th axis: an image's cosines are its coordinates
 
@@ -232,3 +233,13 @@ def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_feature
     assert calls()["images"] == before
     np.testing.assert_allclose(res.logits, first.logits, rtol=1e-5, atol=1e-5)
     assert first.scores is not None and (first.indices == res.indices).all()
+    assert first.info["tda_cache_entries"]["positive"] >= 1  # the caches' sizes, from run_info()
+
+
+def test_cli_lists_every_option_with_its_default(capsys):
+    from vlm_tta.cli import main
+
+    assert main(["methods"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("tda "))
+    for f in dataclasses.fields(TDAConfig):
+        assert f"{f.name}={f.default!r}" in line

@@ -4,6 +4,8 @@ and end to end on a tiny model.
 Hand-made views use class embeddings along the first C axes and one spare axis, so a view's
 cosines are exactly the coordinates written in the test (the spare coordinate makes it unit)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from vlm_tta.cache import as_cache
 from vlm_tta.errors import FeatureError, MethodOptionError
 from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
+from vlm_tta.methods.zero import ZeroConfig
 
 
 def _views(*cosines):
@@ -138,3 +141,12 @@ def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_feature
         return np.isclose(first.probs * n, np.round(first.probs * n))
 
     assert np.all(whole(3) | whole(4))
+
+
+def test_cli_lists_every_option_with_its_default(capsys):
+    from vlm_tta.cli import main
+
+    assert main(["methods"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("zero "))
+    for f in dataclasses.fields(ZeroConfig):
+        assert f"{f.name}={f.default!r}" in line

@@ -503,6 +503,9 @@ class DMN(Method):
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]
 
+    def run_info(self) -> dict:
+        return {"dmn_memory_entries": int(self.count.sum())}
+
     def components(self) -> dict[str, np.ndarray]:
         """Each image's probabilities so far (``record_components=True``): ``text`` (the original view's
         text classifier), ``dynamic`` and, with a support set, ``static``; N x C arrays in stream order."""

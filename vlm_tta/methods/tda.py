@@ -250,3 +250,6 @@ class TDA(Method):
 
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]
+
+    def run_info(self) -> dict:
+        return {"tda_cache_entries": {"positive": len(self.pos_cache), "negative": len(self.neg_cache)}}
