@@ -2,13 +2,13 @@
 output, few-shot static memory (embeddings and images), the trained variant, the test-label search
 helper, and end to end on a tiny model."""
 
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from feature_method_checks import check_cli_lists_options, end_to_end, synthetic_stream
 from PIL import Image
 
 import vlm_tta
@@ -18,7 +18,6 @@ from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
 from vlm_tta.methods.dmn import (
     DMNBiases,
-    DMNConfig,
     direct_readout,
     gram,
     gram_readout,
@@ -157,17 +156,9 @@ def _naive_dmn(views, classes, scale, memory_size, alpha2, order="write_first"):
     return torch.stack(out)
 
 
-def _stream(n, c, d, v, seed, noise=3.0):
-    g = torch.Generator().manual_seed(seed)
-    classes = F.normalize(torch.randn(c, d, generator=g), dim=-1)
-    y = torch.randint(0, c, (n,), generator=g)
-    base = classes[y][:, None] + noise * torch.randn(n, 1, d, generator=g) / d**0.5
-    return F.normalize(base + noise * torch.randn(n, v, d, generator=g) / d**0.5, dim=-1), classes, y
-
-
 @pytest.mark.parametrize("order", ["write_first", "predict_first"])
 def test_stream_matches_a_plain_per_image_implementation_at_any_batch_size(order):
-    views, classes, _ = _stream(50, 4, 16, 10, seed=1)
+    views, classes, _ = synthetic_stream(50, 4, 16, 10, seed=1)
     expected = _naive_dmn(views, classes, 100.0, 3, 2.0, order)
     expected = expected / expected.sum(-1, keepdim=True)
     for batch in (1, 6, 50):
@@ -187,7 +178,7 @@ def _support(classes, shots, views, seed=0):
 
 
 def test_few_shot_static_memory_from_extras():
-    views, classes, _ = _stream(12, 4, 16, 10, seed=2)
+    views, classes, _ = synthetic_stream(12, 4, 16, 10, seed=2)
     feats, labels = _support(classes, shots=3, views=4)
     extras = {"support_features": feats, "support_labels": labels}
     m = _setup(classes, 100.0, extras, n_views=10, support_views=4, alpha2=0.5, alpha3=2.0, record_components=True)
@@ -274,7 +265,7 @@ def test_trained_variant_learns_biases_that_lower_the_training_loss():
     again = _setup(classes, 100.0, extras, **opts)  # seeded: the same biases
     for a, b in zip(m.biases.parameters(), again.biases.parameters()):
         torch.testing.assert_close(a, b)
-    views, _, _ = _stream(5, 3, 8, 10, seed=4)
+    views, _, _ = synthetic_stream(5, 3, 8, 10, seed=4)
     assert len(m.predict_batch(views)) == 5
 
 
@@ -308,33 +299,11 @@ def test_presets_and_options():
         create_method("dmn", order="sometimes")
 
 
-def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_features(tiny_openclip, tmp_path):
-    rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)) for _ in range(5)]
-    classes = ["cat", "dog", "bird"]
-    calls = encoder_call_counter(tiny_openclip)
-    first = vlm_tta.classify(images, classes, method="dmn", n_views=10, model=tiny_openclip, cache_dir=tmp_path)
-    before = calls()["images"]
-    again = vlm_tta.classify(
-        images, classes, method="dmn", n_views=10, model=tiny_openclip, cache_dir=tmp_path, batch_size=2
-    )
-    assert calls()["images"] == before
-    np.testing.assert_allclose(again.probs, first.probs, rtol=1e-5, atol=1e-6)
-    store = FeatureStore(tiny_openclip, as_cache(tmp_path))
-    feats = store.view_features(images, create_method("dmn", n_views=10).view_set())
-    res = vlm_tta.classify_features(
-        feats, store.class_features(classes), method="dmn", n_views=10, logit_scale=tiny_openclip.logit_scale
-    )
-    assert calls()["images"] == before
-    np.testing.assert_allclose(res.probs, first.probs, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(first.probs.sum(1), 1.0, rtol=1e-5)
-    assert 1 <= first.info["dmn_memory_entries"] <= 5
+def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
+    result = end_to_end(tiny_openclip, tmp_path, "dmn", n_views=10)
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, rtol=1e-5)
+    assert 1 <= result.info["dmn_memory_entries"] <= 5
 
 
 def test_cli_lists_every_option_with_its_default(capsys):
-    from vlm_tta.cli import main
-
-    assert main(["methods"]) == 0
-    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("dmn "))
-    for f in dataclasses.fields(DMNConfig):
-        assert f"{f.name}={f.default!r}" in line
+    check_cli_lists_options("dmn", capsys)

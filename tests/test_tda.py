@@ -1,19 +1,16 @@
 """TDA: cache rules, the negative window and mask, multi-view summaries, presets, stream semantics,
 and end to end on a tiny model."""
 
-import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from feature_method_checks import check_cli_lists_options, end_to_end, synthetic_stream
 
-import vlm_tta
 from vlm_tta.errors import FeatureError, MethodOptionError
-from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
-from vlm_tta.methods.tda import ClassCache, TDAConfig
+from vlm_tta.methods.tda import ClassCache
 
 EYE = torch.eye(4)  # class k's embedding is the k-th axis: an image's cosines are its coordinates
 
@@ -156,18 +153,9 @@ def _naive_tda(views, classes, scale, alpha, beta, order="write_first"):
     return torch.stack(out)
 
 
-def _stream(n, c, d, v, seed, noise=3.0):
-    g = torch.Generator().manual_seed(seed)
-    classes = F.normalize(torch.randn(c, d, generator=g), dim=-1)
-    y = torch.randint(0, c, (n,), generator=g)
-    base = classes[y][:, None] + noise * torch.randn(n, 1, d, generator=g) / d**0.5
-    views = base + (noise * torch.randn(n, v, d, generator=g) / d**0.5 if v > 1 else 0)
-    return F.normalize(views, dim=-1), classes
-
-
 @pytest.mark.parametrize("v,order", [(1, "write_first"), (20, "write_first"), (1, "predict_first")])
 def test_stream_matches_a_plain_per_image_implementation_at_any_batch_size(v, order):
-    views, classes = _stream(60, 5, 16, v, seed=v)
+    views, classes, _ = synthetic_stream(60, 5, 16, v, seed=v)
     expected = _naive_tda(views, classes, 100.0, 2.0, 5.0, order)
     for batch in (1, 7, 60):  # the batched cache read must not depend on how the stream is chunked
         m = create_method("tda", n_views=v, order=order)
@@ -208,38 +196,10 @@ def test_bad_features_give_clear_errors():
         m.predict_batch(bad)
 
 
-def _images(n=6, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_features(tiny_openclip, tmp_path):
-    classes = ["cat", "dog", "bird"]
-    images = _images()
-    calls = encoder_call_counter(tiny_openclip)
-    first = vlm_tta.classify(images, classes, method="tda", n_views=10, model=tiny_openclip, cache_dir=tmp_path)
-    before = calls()["images"]
-    again = vlm_tta.classify(
-        images, classes, method="tda", n_views=10, model=tiny_openclip, cache_dir=tmp_path, batch_size=4
-    )
-    assert calls()["images"] == before  # every view embedding came from the cache
-    np.testing.assert_allclose(again.logits, first.logits, rtol=1e-5, atol=1e-5)
-    store = FeatureStore(tiny_openclip, vlm_tta.cache.as_cache(tmp_path))
-    feats = store.view_features(images, create_method("tda", n_views=10).view_set())
-    text = store.class_features(classes)
-    res = vlm_tta.classify_features(feats, text, method="tda", n_views=10, logit_scale=tiny_openclip.logit_scale)
-    assert calls()["images"] == before
-    np.testing.assert_allclose(res.logits, first.logits, rtol=1e-5, atol=1e-5)
-    assert first.scores is not None and (first.indices == res.indices).all()
-    assert first.info["tda_cache_entries"]["positive"] >= 1  # the caches' sizes, from run_info()
+def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
+    result = end_to_end(tiny_openclip, tmp_path, "tda", n_views=10)
+    assert result.info["tda_cache_entries"]["positive"] >= 1  # the caches' sizes, from run_info()
 
 
 def test_cli_lists_every_option_with_its_default(capsys):
-    from vlm_tta.cli import main
-
-    assert main(["methods"]) == 0
-    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("tda "))
-    for f in dataclasses.fields(TDAConfig):
-        assert f"{f.name}={f.default!r}" in line
+    check_cli_lists_options("tda", capsys)

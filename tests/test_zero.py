@@ -4,20 +4,14 @@ and end to end on a tiny model.
 Hand-made views use class embeddings along the first C axes and one spare axis, so a view's
 cosines are exactly the coordinates written in the test (the spare coordinate makes it unit)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from feature_method_checks import check_cli_lists_options, end_to_end
 
-import vlm_tta
-from vlm_tta.cache import as_cache
 from vlm_tta.errors import FeatureError, MethodOptionError
-from vlm_tta.features import FeatureStore, encoder_call_counter
 from vlm_tta.methods import MethodContext, create_method
-from vlm_tta.methods.zero import ZeroConfig
 
 
 def _views(*cosines):
@@ -118,35 +112,14 @@ def test_options_and_errors():
         m.predict_batch(torch.full((1, 10, 3), float("nan")))
 
 
-def test_end_to_end_on_a_tiny_model_reads_the_cache_and_matches_classify_features(tiny_openclip, tmp_path):
-    rng = np.random.default_rng(2)
-    images = [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)) for _ in range(4)]
-    classes = ["cat", "dog", "bird"]
-    calls = encoder_call_counter(tiny_openclip)
-    first = vlm_tta.classify(images, classes, method="zero", n_views=10, model=tiny_openclip, cache_dir=tmp_path)
-    before = calls()["images"]
-    again = vlm_tta.classify(images, classes, method="zero", n_views=10, model=tiny_openclip, cache_dir=tmp_path)
-    assert calls()["images"] == before
-    np.testing.assert_array_equal(again.probs, first.probs)
-    store = FeatureStore(tiny_openclip, as_cache(tmp_path))
-    feats = store.view_features(images, create_method("zero", n_views=10).view_set())
-    res = vlm_tta.classify_features(
-        feats, store.class_features(classes), method="zero", n_views=10, logit_scale=tiny_openclip.logit_scale
-    )
-    assert calls()["images"] == before
-    np.testing.assert_allclose(res.probs, first.probs, atol=1e-6)
+def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
+    result = end_to_end(tiny_openclip, tmp_path, "zero", n_views=10)
 
-    # probabilities are vote shares of int(0.3 x 10) = 3 votes (+1 for a broken tie)
     def whole(n):
-        return np.isclose(first.probs * n, np.round(first.probs * n))
+        return np.isclose(result.probs * n, np.round(result.probs * n))
 
-    assert np.all(whole(3) | whole(4))
+    assert np.all(whole(3) | whole(4))  # vote shares of int(0.3 x 10) = 3 votes (+1 for a broken tie)
 
 
 def test_cli_lists_every_option_with_its_default(capsys):
-    from vlm_tta.cli import main
-
-    assert main(["methods"]) == 0
-    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("zero "))
-    for f in dataclasses.fields(ZeroConfig):
-        assert f"{f.name}={f.default!r}" in line
+    check_cli_lists_options("zero", capsys)
