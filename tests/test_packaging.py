@@ -51,3 +51,15 @@ def test_console_script_runs():
 
     out = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "zeroshot" in out.stdout
+
+
+def test_every_suite_file_is_installed_and_parses():
+    from vlm_tta.benchmark.suites import list_suites, load_suite
+
+    repo_eval = REPO_PROMPTS.parent / "eval"
+    names = list_suites()
+    assert {"natural_shift", "cross_dataset", "difftpt_subsets", "ood_detection", "noisy_tta"} <= set(names)
+    if repo_eval.is_dir():
+        assert sorted(p.stem for p in repo_eval.glob("*.yaml")) == names
+    for name in names:
+        assert load_suite(name).datasets

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -99,14 +99,25 @@ def cache_summary(stats: dict) -> str:
     )
 
 
-def _cmd_classify(args) -> int:
-    from .api import classify, resolve_model
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags shared by every verb that loads a backbone (classify, bench, ood, ntta)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="model spec, e.g. ViT-B-16@openai or hf:/path/to/dir")
+    g.add_argument(
+        "--pretrained", default="default", help="pretrained tag or checkpoint path; 'none' for random weights"
+    )
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of random weights (--pretrained none)")
+    g.add_argument("--tokenizer", default=None, help="open_clip: directory with Hugging Face tokenizer files")
+    g.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model repo's code")
+    g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=None, help="default: amp on CUDA")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--download-dir", default=None, help="where open_clip / transformers keep downloaded weights")
 
-    classes = _read_classes(args)
-    options = _parse_options(args.method, args.option)
-    from .methods import create_method
 
-    create_method(args.method, **options)  # fail on a bad option before loading a model
+def load_model_from_args(args):
+    """The backbone the model flags describe (see :func:`add_model_arguments`)."""
+    from .api import resolve_model
+
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     load = {}
     if args.tokenizer:
@@ -117,7 +128,18 @@ def _cmd_classify(args) -> int:
         load["precision"] = args.precision
     if args.download_dir:
         load["cache_dir"] = args.download_dir
-    model = resolve_model(args.model, device=args.device, pretrained=pretrained, seed=args.seed, **load)
+    return resolve_model(args.model, device=args.device, pretrained=pretrained, seed=args.seed, **load)
+
+
+def _cmd_classify(args) -> int:
+    from .api import classify
+
+    classes = _read_classes(args)
+    options = _parse_options(args.method, args.option)
+    from .methods import create_method
+
+    create_method(args.method, **options)  # fail on a bad option before loading a model
+    model = load_model_from_args(args)
     result = classify(
         args.images,
         classes,
@@ -198,17 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-file", help="file with one class name per line (UTF-8)")
     p.add_argument("--method", default="zeroshot", help="method name (see `vlm-tta methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="model spec, e.g. ViT-B-16@openai or hf:/path/to/dir")
-    g.add_argument(
-        "--pretrained", default="default", help="pretrained tag or checkpoint path; 'none' for random weights"
-    )
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of random weights (--pretrained none)")
-    g.add_argument("--tokenizer", default=None, help="open_clip: directory with Hugging Face tokenizer files")
-    g.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model repo's code")
-    g.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=None, help="default: amp on CUDA")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--download-dir", default=None, help="where open_clip / transformers keep downloaded weights")
+    add_model_arguments(p)
     g = p.add_argument_group("prompts and images")
     g.add_argument("--templates", default=None, help="template set name, or a file with one template per line")
     g.add_argument(
@@ -221,13 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--ignore-exif", action="store_true", help="do not turn photos upright by their EXIF orientation")
     g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per chunk (default 64)")
-    g.add_argument("--num-workers", type=_int_at_least(0), default=None, help="threads making views")
+    g.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per chunk (default 64)")
+    g.add_argument("--num-workers", type=int_at_least(0), default=None, help="threads making views")
     g.add_argument("--cache-dir", default=None, help="embedding cache directory")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar")
     g = p.add_argument_group("output")
-    g.add_argument("--top-k", type=_int_at_least(1), default=3, help="classes listed per image in --json")
+    g.add_argument("--top-k", type=int_at_least(1), default=3, help="classes listed per image in --json")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g.add_argument("--quiet", "-q", action="store_true", help="do not print the cache summary on stderr")
     p.set_defaults(func=_cmd_classify)
@@ -235,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the methods and their options").set_defaults(func=_cmd_methods)
     sub.add_parser("templates", help="list the prompt template sets").set_defaults(func=_cmd_templates)
 
+    from .benchmark.cli import add_parsers as add_benchmark_parsers
+
+    add_benchmark_parsers(sub)
     from .cache import add_parser as add_cache_parser
 
     add_cache_parser(sub)

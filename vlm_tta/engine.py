@@ -19,6 +19,7 @@ an error, so a method that changed the backbone always puts it back.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -41,6 +42,10 @@ class StreamOutput:
     positions: list[int] = field(default_factory=list)
     #: ``(position, name, reason)`` of every input that could not be read
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    #: seconds spent inside the method's own calls, and in the pass's shared work (opening images,
+    #: making and encoding views or reading them from the cache), which several methods may share
+    method_seconds: float = 0.0
+    shared_seconds: float = 0.0
 
 
 class SkippedImagesWarning(UserWarning):
@@ -68,6 +73,7 @@ class _Feeder:
         self.pending.extend(items)
         while len(self.pending) >= self.chunk or (final and self.pending):
             part, self.pending = self.pending[: self.chunk], self.pending[self.chunk :]
+            t0 = time.perf_counter()
             if self.method.needs_pixels:
                 preds = self.method.predict_samples([Sample(pos, img, store) for pos, img in part])
             else:
@@ -79,6 +85,7 @@ class _Feeder:
                 )
             self.out.predictions.extend(preds)
             self.out.positions.extend(pos for pos, _ in part)
+            self.out.method_seconds += time.perf_counter() - t0
 
 
 def _view_features(store: FeatureStore, feeders: list[_Feeder], images: list) -> dict:
@@ -115,8 +122,10 @@ def run_stream(
     bar = _progress_bar(len(sources), "+".join(m.name for m, _ in methods)) if progress else None
     for f in feeders:
         f.method.setup(f.ctx)
+    shared = 0.0
     try:
         for start in range(0, len(sources), batch_size):
+            t0 = time.perf_counter()
             part = sources[start : start + batch_size]
             errors: list | None = [] if on_error == "skip" else None
             opened = store.open_images(part, names[start : start + batch_size], errors=errors)
@@ -124,6 +133,7 @@ def run_stream(
             items = [(start + i, img) for i, img in enumerate(opened) if img is not None]
             if items:
                 feats = _view_features(store, feeders, [img for _, img in items])
+                shared += time.perf_counter() - t0
                 for f in feeders:
                     if f.method.needs_pixels:
                         f.add(items, store)
@@ -151,6 +161,7 @@ def run_stream(
         )
     for f in feeders:
         f.out.skipped = list(skipped)
+        f.out.shared_seconds = shared
     return [f.out for f in feeders]
 
 

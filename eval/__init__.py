@@ -1,0 +1,1 @@
+"""Benchmark suites (YAML) and their thin entry scripts; shipped as ``vlm_tta.eval``."""
