@@ -406,8 +406,9 @@ class DMN(Method):
         self.slot_row = torch.full((c, self.n_slots), -1, dtype=torch.long)
         cls, slot = self.fixed_filled.nonzero(as_tuple=True)
         self.slot_row[cls, slot] = self.store.extend(self.fixed[cls, slot], cls * self.n_slots + slot)
-        self.gram = torch.zeros(c, self.n_slots, self.n_slots)
-        self.gram[:, :f, :f] = gram(self.fixed)
+        # Gram matrices of each class's slots, only as wide as the fullest class (slots are filled in
+        # order, so every class's filled slots lie in it): contiguous, which bmm reads ~3x faster.
+        self.gram = gram(self.fixed)
         self.count = torch.zeros(c, dtype=torch.long)
         self.entropy = torch.zeros(c, self.config.memory_size)
         self.dense = self.fixed.new_zeros(c, self.n_slots, d) if self.biases is not None else None
@@ -439,9 +440,12 @@ class DMN(Method):
             slot = int(torch.sort(stored, stable=True).indices[-1])  # the largest stored entropy
             self.store.set(int(self.slot_row[cls, f + slot]), query)
         self.entropy[cls, slot] = ent
-        rows = self.slot_row[cls]
+        m = f + int(self.count.max())
+        if m > self.gram.shape[1]:
+            self.gram = F.pad(self.gram, (0, m - self.gram.shape[1], 0, m - self.gram.shape[1]))
+        rows = self.slot_row[cls, :m]
         filled = rows >= 0
-        g = torch.zeros(self.n_slots)
+        g = torch.zeros(m)
         g[filled] = self.store.keys[rows[filled]] @ query
         self.gram[cls, f + slot, :] = g
         self.gram[cls, :, f + slot] = g
@@ -451,7 +455,7 @@ class DMN(Method):
     def read_dynamic(self, i: int, query: torch.Tensor) -> torch.Tensor:
         """The dynamic memory's logits for image ``i`` of the batch being read."""
         beta, scale = self.config.beta, self.ctx.logit_scale
-        m = self.fixed.shape[1] + int(self.count.max())  # slots beyond m are empty in every class
+        m = self.gram.shape[1]  # slots beyond m are empty in every class
         if self.biases is not None:
             filled = self.slot_row[:, :m] >= 0
             return direct_readout(query[None], self.dense[:, :m], filled, beta, scale, self.biases)[0]
@@ -459,7 +463,7 @@ class DMN(Method):
         sims = torch.zeros(c * self.n_slots)
         sims[self.store.tags[: self.store.n]] = self.store.similarities(i)
         sims = sims.view(c, self.n_slots)[:, :m]
-        return gram_readout(sims, self.gram[:, :m, :m], beta, scale)
+        return gram_readout(sims, self.gram, beta, scale)
 
     def read_static(self, queries: torch.Tensor) -> torch.Tensor:
         """The static memory's probabilities for a batch of queries (N x C)."""
