@@ -58,6 +58,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import trange
 
 from ..errors import MethodOptionError
 from ..views import ViewSet
@@ -380,7 +381,7 @@ class DMN(Method):
         n_crops = min(feats.shape[1] - 1, cfg.train_views)
         scale = self.ctx.logit_scale
         with torch.enable_grad():
-            for epoch in range(epochs):
+            for epoch in trange(epochs, desc="DMN training", unit="epoch", disable=len(labels) * epochs < 100_000):
                 view = feats[:, 1 + epoch % n_crops] if n_crops > 0 else feats[:, 0]
                 order = torch.randperm(len(labels), generator=gen)
                 for step in range(steps):
