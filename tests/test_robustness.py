@@ -326,3 +326,11 @@ def test_json_output_is_valid_json(capsys, img_path, cfg_file):
     )  # fmt: skip
     data = json.load(io.StringIO(out))
     assert rc == 0 and data["info"]["cache"]["view_misses"] == 1 and data["info"]["skipped"] == []
+
+
+def test_cache_info_on_a_file_says_it_is_not_a_directory(tmp_path, capsys):
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    for verb in (["cache", "info"], ["cache", "clear", "--yes"]):
+        rc, out, err = run_cli(capsys, *verb, "--cache-dir", str(path))
+        assert rc == 2 and "is a file, not a directory" in one_line_error(err) and out == ""

@@ -242,3 +242,24 @@ def build_tiny_image_variation_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------------------------- an image tower alone
+def tower_backbone(visual: torch.nn.Module):
+    """A minimal stand-in backbone around an open_clip image tower alone, for code that only reads
+    the tower (``SteppableViT``: ``.model.visual``, ``.device``, ``.autocast()``), e.g. a ViT-B/16-shaped
+    tower (224 px, patch 16, 197 tokens) of tiny width, without building a text tower."""
+    import types
+
+    holder = torch.nn.Module()
+    holder.visual = visual.eval()
+    return types.SimpleNamespace(
+        model=holder, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False)
+    )
+
+
+def vit_b16_shape():
+    """The sizes of CLIP ViT-B/16 at 224 px (197 tokens, width 768, 12 blocks, output 512), for MAC counts."""
+    from vlm_tta.models.steppable import ViTShape
+
+    return ViTShape(width=768, layers=12, heads=12, mlp_width=3072, num_patches=196, patch_dim=768, output_dim=512)

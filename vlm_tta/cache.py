@@ -16,13 +16,18 @@ Storage is one SQLite database (``embeddings.sqlite3``) in write-ahead-log mode:
 * every ``put``/``put_many`` is one transaction, so a process killed mid-write leaves all of it or
   none of it; a half-written WAL frame is discarded by SQLite's recovery on the next open;
 * each row holds the raw little-endian bytes of the array beside its dtype, its shape and a
-  BLAKE2b checksum over all of them (and the key). A row that fails these checks is never
-  returned: it reads as a miss and is deleted. There is no pickle anywhere.
+  BLAKE2b checksum over all of them (and the key). A row that cannot be decoded for any reason
+  (a failed check, a column of the wrong type) is never returned: it reads as a miss, is
+  recomputed and is deleted. There is no pickle anywhere;
+* :meth:`EmbeddingCache.clear` deletes rows in a write transaction and compacts the file with
+  SQLite's own VACUUM and checkpoint; it never unlinks a database that other connections may be
+  using, so no write another process makes is lost to it.
 
 The cache never raises into the user's computation because of the environment: a directory that
-cannot be created or written, a full disk, or a file that is not a cache database produce one
-``RuntimeWarning`` each and the cache degrades (to read-only, or to a no-op); the embeddings are
-then computed as if there were no cache.
+cannot be created or written, a full disk, damaged rows or a file that is not a cache database
+produce one ``RuntimeWarning`` per problem and location in a process (saying what happened and
+what to do) and the cache degrades (to read-only, or to a no-op); the embeddings are then
+computed as if there were no cache.
 
 Floating arrays come back as ``float32``. ``storage_dtype="float16"`` halves the size on disk; see
 :meth:`EmbeddingCache.get_or_compute` for how results stay identical between cold and warm runs.
@@ -70,6 +75,8 @@ NO_CACHE_ENV = "VLM_TTA_NO_CACHE"
 DB_FILENAME = "embeddings.sqlite3"
 #: How long a writer waits for another process's write lock before giving up on one put.
 BUSY_TIMEOUT_S = 60.0
+#: How long clear() waits for other processes before it skips compacting the file.
+_COMPACT_BUSY_TIMEOUT_S = 5.0
 #: Keys per SELECT in get_many (well under SQLite's limit on bound parameters).
 QUERY_CHUNK = 500
 
@@ -236,13 +243,16 @@ def _encode(key: str, value: Any, storage: np.dtype) -> tuple[str, str, str, byt
 
 
 def _decode(
-    key: str, dtype: str, shape: str, checksum: bytes, data: bytes, storage: np.dtype
+    key: Any, dtype: Any, shape: Any, checksum: Any, data: Any, storage: np.dtype
 ) -> tuple[np.ndarray | None, str]:
-    """(array, "ok") for a sound row; (None, "damaged") when any check fails; (None, "coarse")
-    for a float16 row read by a float32 cache (recomputing it keeps results exact)."""
+    """(array, "ok") for a sound row; (None, "damaged") for a row that cannot be decoded for any
+    reason (a column of the wrong type, a bad dtype or shape, a size or checksum mismatch); (None,
+    "coarse") for a float16 row read by a float32 cache (recomputing it keeps results exact)."""
+    if not (isinstance(key, str) and isinstance(dtype, str) and isinstance(shape, str)):
+        return None, "damaged"  # e.g. a TEXT column that comes back as a BLOB
+    if not (isinstance(checksum, bytes) and isinstance(data, bytes)):
+        return None, "damaged"
     try:
-        if not isinstance(data, bytes) or not isinstance(checksum, bytes):
-            return None, "damaged"
         dt = np.dtype(dtype)
         if dt.kind not in _ALLOWED_KINDS or dt.byteorder == ">" or dt.hasobject:
             return None, "damaged"
@@ -254,7 +264,7 @@ def _decode(
         if checksum != _checksum(key, dtype, shape, data):
             return None, "damaged"
         arr = np.frombuffer(data, dtype=dt).reshape(dims)
-    except (TypeError, ValueError):  # includes json.JSONDecodeError
+    except Exception:  # whatever the damage (bad JSON, absurd nesting, odd dtype strings): not usable
         return None, "damaged"
     if dt.kind != "f":
         return arr.astype(dt.newbyteorder("="), copy=True), "ok"
@@ -270,13 +280,27 @@ def _decode(
 # ----------------------------------------------------------------------------------------------
 
 
+def _text(raw: bytes) -> str | bytes:
+    """TEXT values as str; one that is not UTF-8 (a flipped byte) stays bytes, so its row reads
+    as damaged instead of failing the whole query."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _connect(db_path: Path, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
     """Open ``db_path`` (tests replace this to simulate failures). Autocommit mode: transactions
     are begun explicitly with BEGIN IMMEDIATE so a writer takes the lock before it reads."""
     if readonly:
         uri = Path(db_path).absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
-        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    return sqlite3.connect(os.fspath(db_path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(
+            os.fspath(db_path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+    conn.text_factory = _text
+    return conn
 
 
 @contextlib.contextmanager
@@ -299,7 +323,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass
 
 
-def _select(conn: sqlite3.Connection, columns: str, keys: list[str]) -> Iterable[tuple]:
+def _select(conn: sqlite3.Connection, columns: str, keys: Sequence[str | bytes]) -> Iterable[tuple]:
     """``SELECT columns`` of the rows with these keys, one query per :data:`QUERY_CHUNK` keys."""
     for start in range(0, len(keys), QUERY_CHUNK):
         chunk = keys[start : start + QUERY_CHUNK]
@@ -328,6 +352,13 @@ def _error_class(exc: BaseException) -> str:
 class _ForeignDatabase(sqlite3.DatabaseError):
     pass
 
+
+# Problems already reported, per database file, for the life of the process: one cache, one
+# problem, one warning, however many EmbeddingCache objects (one per classify() call) meet it.
+# "file": what is in the database is damaged; "storage": the location cannot be written or read;
+# "shapes": cached rows do not fit the computed ones. A successful clear() forgets them.
+_REPORTED: dict[str, set[str]] = {}
+_REPORTED_LOCK = threading.Lock()
 
 # Connections inherited over fork() must not be used nor closed in the child (closing would run
 # SQLite's WAL cleanup against the parent's locks); they are parked here for the child's lifetime.
@@ -393,7 +424,6 @@ class EmbeddingCache:
         self._conn_writable = False
         self._can_write = not self.readonly
         self._broken = False  # the database file is unusable: behave as disabled
-        self._warned: set[str] = set()
 
     # -- state --------------------------------------------------------------------------------
 
@@ -453,10 +483,17 @@ class EmbeddingCache:
             self._conn = None
             self._pid = os.getpid()
 
-    def _warn(self, category: str, message: str) -> None:
-        if category not in self._warned:
-            self._warned.add(category)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+    def _warn(self, problem: str, message: str) -> None:
+        """Warn once per process and database file for each ``problem`` (see ``_REPORTED``)."""
+        with _REPORTED_LOCK:
+            reported = _REPORTED.setdefault(str(self.db_path), set())
+            if problem in reported:
+                return
+            reported.add(problem)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _clear_hint(self) -> str:
+        return f"`vlm-tta cache clear --yes --cache-dir {self.directory}` starts a new cache"
 
     def _fix_hint(self) -> str:
         return (
@@ -470,32 +507,34 @@ class EmbeddingCache:
         if cls == "corrupt":
             self._broken = True
             self.close()
+            if isinstance(exc, _ForeignDatabase):  # someone else's file: clear() leaves it alone too
+                fix = f"Move that file away, or point the cache elsewhere with {CACHE_DIR_ENV}=/path."
+            else:
+                fix = f"{self._clear_hint()}."
             self._warn(
-                "corrupt",
+                "file",
                 f"vlm_tta embedding cache: {self.db_path} is not a usable cache database ({exc}); the "
-                f"cache is off for this process and embeddings are computed without it. Delete that "
-                f"file and its -wal/-shm companions, or run `vlm-tta cache clear --yes --cache-dir "
-                f"{self.directory}`, to start a new cache.",
+                f"cache is off for this process and embeddings are computed without it. {fix}",
             )
         elif during == "write" and cls == "unwritable":
             self._can_write = False
             self._warn(
-                "write",
+                "storage",
                 f"vlm_tta embedding cache at {self.directory} cannot be written ({exc}); new embeddings "
                 f"are computed but not cached for the rest of this process (existing entries are still "
                 f"read). {self._fix_hint()}",
             )
         elif during == "write":
             self._warn(
-                "write-once",
+                "storage",
                 f"vlm_tta embedding cache at {self.directory}: a write failed ({exc}); those embeddings "
                 f"were not cached. {self._fix_hint()}",
             )
         else:
             self._warn(
-                "read",
+                "file",
                 f"vlm_tta embedding cache at {self.directory}: a read failed ({exc}); the embeddings "
-                f"are computed instead.",
+                f"are computed instead. If this keeps happening, {self._clear_hint()}.",
             )
 
     # -- connection ---------------------------------------------------------------------------
@@ -572,8 +611,10 @@ class EmbeddingCache:
             conn = None
             try:
                 conn = _connect(self.db_path, readonly=True, immutable=immutable)
-                self._check_schema(conn)
-                return conn
+                if self._check_schema(conn):
+                    return conn
+                conn.close()  # a new file whose creator has not made the table (yet): nothing to read
+                return None
             except sqlite3.Error as exc:
                 last = exc
                 if conn is not None:
@@ -589,7 +630,7 @@ class EmbeddingCache:
             else:
                 self._broken = True  # neither writable nor readable: behave as disabled
                 self._warn(
-                    "read",
+                    "storage",
                     f"vlm_tta embedding cache: cannot read {self.db_path} ({last}); embeddings are "
                     f"computed without the cache. {self._fix_hint()}",
                 )
@@ -637,7 +678,7 @@ class EmbeddingCache:
         if not wanted or not self.enabled:
             return out
         self._check_fork()
-        damaged: list[tuple[str, bytes]] = []
+        damaged: list[tuple[Any, Any]] = []  # (key, checksum) as read, to delete exactly those rows
         with self._lock:
             conn = self._open(for_write=False)
             if conn is None:
@@ -649,6 +690,9 @@ class EmbeddingCache:
                         out[key] = arr
                     elif status == "damaged":
                         damaged.append((key, checksum))
+                # A key whose column turned into a BLOB never matches the text keys above: look for
+                # such rows among the misses (they are about to be computed anyway).
+                damaged += _select(conn, "key, checksum", [k.encode("utf-8") for k in wanted if k not in out])
             except sqlite3.Error as exc:
                 self._on_error(exc, "read")
                 return out
@@ -675,18 +719,21 @@ class EmbeddingCache:
                 self._on_error(exc, "read")
         return found
 
-    def _drop_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[str, bytes]]) -> None:
+    def _drop_damaged(self, conn: sqlite3.Connection, damaged: list[tuple[Any, Any]]) -> None:
+        removed = self._conn_writable and self._can_write
         self._warn(
-            "damaged",
+            "file",
             f"vlm_tta embedding cache at {self.directory}: {len(damaged)} damaged entr"
-            f"{'y' if len(damaged) == 1 else 'ies'} ignored (size or checksum mismatch); they are "
-            "recomputed" + (" and the damaged rows removed." if self._conn_writable else "."),
+            f"{'y' if len(damaged) == 1 else 'ies'} ignored (they could not be decoded, or failed their "
+            f"size or checksum check); they are recomputed{' and the damaged rows removed' if removed else ''}. "
+            f"Damage means the file was changed behind SQLite's back (a disk or copy error); if it "
+            f"keeps happening, {self._clear_hint()}.",
         )
-        if not (self._conn_writable and self._can_write):
+        if not removed:
             return
         try:
             with _transaction(conn):
-                # Match the checksum read, so a sound value another process just wrote survives.
+                # Match the key and checksum as read, so a sound value another process just wrote survives.
                 conn.executemany("DELETE FROM embeddings WHERE key = ? AND checksum IS ?", damaged)
         except sqlite3.Error as exc:
             self._on_error(exc, "write")
@@ -831,7 +878,7 @@ class EmbeddingCache:
                     # away (a read-only one leaves them); it writes nothing itself.
                     conn = _connect(self.db_path, readonly=not os.access(self.directory, os.W_OK))
                     conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
-                    self._check_schema(conn)
+                    has_table = self._check_schema(conn)  # False: a new file, its table not made yet
                 except sqlite3.Error as exc:
                     if conn is not None:
                         conn.close()
@@ -839,10 +886,10 @@ class EmbeddingCache:
                     if _error_class(exc) == "corrupt" or Path(str(self.db_path) + "-wal").exists():
                         raise
                     conn = _connect(self.db_path, readonly=True, immutable=True)
-                    self._check_schema(conn)
+                    has_table = self._check_schema(conn)
                 # Both from the small (kind, nbytes) index: no need to read the rows themselves.
                 sql = "SELECT kind, COUNT(*), SUM(nbytes) FROM embeddings GROUP BY kind ORDER BY kind"
-                stats = [(str(k), int(n), int(b or 0)) for k, n, b in conn.execute(sql)]
+                stats = [(str(k), int(n), int(b or 0)) for k, n, b in conn.execute(sql)] if has_table else []
                 d["kinds"] = {k: n for k, n, _ in stats}
                 d["entries"] = sum(n for _, n, _ in stats)
                 d["payload_bytes"] = sum(b for _, _, b in stats)
@@ -854,80 +901,79 @@ class EmbeddingCache:
         d["bytes"] = sum(_file_size(p) for p in files)
         return d
 
-    def clear(self, kind: str | None = None, *, remove_files: bool = False) -> int:
+    def clear(self, kind: str | None = None) -> int:
         """Delete every entry (or those of one ``kind``); returns how many were deleted.
 
-        Safe while other processes use the cache: the rows go in one transaction, then the file
-        is compacted. With ``remove_files`` the database and its -wal/-shm files are removed
-        when no other process has them open (otherwise the emptied database stays). A file that
-        is not a usable cache database is removed. Raises ``OSError`` when the cache cannot be
-        written (this is a maintenance call, not part of a computation).
+        Safe while other processes read and write the cache: the rows are deleted in one write
+        transaction, so every write is either before it (deleted) or after it (kept), and every
+        open connection goes on using the same, live database file (files are never unlinked
+        under them). Then, when everything went, ``VACUUM`` and a WAL checkpoint give the space
+        back to the file system (best effort: a checkpoint that would wait for another
+        process's long read is left to SQLite's next automatic one). Deleting one ``kind`` keeps
+        the file's size; the freed pages are reused by later writes.
+
+        A file that is not an SQLite database at all is deleted (nothing can use it). Raises
+        ``OSError`` when the cache cannot be written, or when the file is another application's
+        database or a newer vlm_tta's cache (left alone). This is a maintenance call, not part
+        of a computation.
         """
         self._check_fork()
         with self._lock:
             self.close()
-            if not self.db_path.exists():
-                self._remove_side_files_if_orphaned()
-                return 0
-            conn = None
-            try:
-                conn = _connect(self.db_path)
-                conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
-                if not self._check_schema(conn):  # an empty file: nothing to delete
-                    conn.close()
-                    conn = None
-                    if remove_files:
-                        self._remove_files()
-                    return 0
-                with _transaction(conn):
-                    where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
-                    n = int(conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
-                    conn.execute(f"DELETE FROM embeddings {where}", params)
-                # Compaction (best effort: another process may be reading). VACUUM only when all
-                # went: it rewrites the whole file, cheap only when the file is empty.
-                for stmt in (["VACUUM"] if kind is None else []) + ["PRAGMA wal_checkpoint(TRUNCATE)"]:
-                    try:
-                        conn.execute(stmt)
-                    except sqlite3.Error:
-                        pass
-            except sqlite3.Error as exc:
-                if conn is not None:
-                    _rollback(conn)
-                    conn.close()
-                    conn = None
-                if _error_class(exc) != "corrupt":
-                    raise OSError(f"cannot clear the embedding cache {self.db_path}: {exc}") from exc
-                self._remove_files()  # not a cache database: the user asked to start afresh
-                self._broken = False
-                self._can_write = not self.readonly
-                return 0
-            finally:
-                if conn is not None:
-                    conn.close()  # the last connection to close removes -wal and -shm
-            if remove_files and kind is None:
-                # SQLite removes the WAL when the last connection closes; if it is still there,
-                # another process has the database open and keeps using the (now empty) file.
-                if not any(p.exists() for p in self._side_files()):
-                    self._remove_files()
+            n = 0
+            if self.db_path.exists():
+                n = self._delete_rows(kind)
             self._broken = False
             self._can_write = not self.readonly
+            with _REPORTED_LOCK:
+                _REPORTED.pop(str(self.db_path), None)  # a new problem deserves a new warning
             return n
 
+    def _delete_rows(self, kind: str | None) -> int:
+        conn = None
+        try:
+            conn = _connect(self.db_path)
+            conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+            if not self._check_schema(conn):  # a new file whose creator has not made the table yet
+                return 0
+            with _transaction(conn):
+                where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+                n = int(conn.execute(f"SELECT COUNT(*) FROM embeddings {where}", params).fetchone()[0])
+                conn.execute(f"DELETE FROM embeddings {where}", params)
+            # VACUUM rewrites the live rows, cheap when (nearly) none are left; the checkpoint then
+            # copies the shrunk database out of the WAL and truncates both files. Both take SQLite's
+            # locks: concurrent writers wait for them (a few seconds at most), nothing is lost.
+            conn.execute("PRAGMA busy_timeout = %d" % int(_COMPACT_BUSY_TIMEOUT_S * 1000))
+            for stmt in (["VACUUM"] if kind is None else []) + ["PRAGMA wal_checkpoint(TRUNCATE)"]:
+                try:
+                    conn.execute(stmt)
+                except sqlite3.Error:
+                    pass
+            return n
+        except sqlite3.Error as exc:
+            if conn is not None:
+                _rollback(conn)
+                conn.close()
+                conn = None
+            if isinstance(exc, _ForeignDatabase):
+                raise OSError(f"not clearing {self.db_path}: {exc}; move it away yourself") from exc
+            if _error_class(exc) != "corrupt":
+                raise OSError(f"cannot clear the embedding cache {self.db_path}: {exc}") from exc
+            self._remove_files()  # not a database (any more): nothing can use it; start afresh
+            return 0
+        finally:
+            if conn is not None:
+                conn.close()
+
     def _remove_files(self) -> None:
-        for p in [self.db_path] + self._side_files():
+        # The companions first: a process starting now finds no stale -wal beside a new database.
+        for p in self._side_files() + [self.db_path]:
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise OSError(f"cannot remove {p}: {exc}") from exc
-
-    def _remove_side_files_if_orphaned(self) -> None:
-        for p in self._side_files():
-            try:
-                p.unlink()
-            except OSError:
-                pass
 
 
 def as_cache(cache: "EmbeddingCache | bool | str | os.PathLike | None" = None, **kwargs: Any) -> EmbeddingCache:
@@ -990,6 +1036,13 @@ def run(args: argparse.Namespace) -> int:
     """Carry out ``vlm-tta cache ...``; returns the exit status."""
     cache = EmbeddingCache(getattr(args, "cache_dir", None))
     command = getattr(args, "cache_command", None) or "info"
+    if cache.directory.exists() and not cache.directory.is_dir():
+        print(
+            f"vlm-tta: error: the cache location {cache.directory} is a file, not a directory; pass a directory "
+            "with --cache-dir (or set VLM_TTA_CACHE_DIR)",
+            file=sys.stderr,
+        )
+        return 2
     d = cache.info()
     if command == "info":
         print(json.dumps(d, indent=2, sort_keys=True) if getattr(args, "json", False) else _format_info(d))
@@ -1001,7 +1054,7 @@ def run(args: argparse.Namespace) -> int:
             if kind is not None
             else f"{d['entries']} entries ({_human_bytes(d['bytes'])})"
         )
-        if not d["exists"] and not any(p.exists() for p in cache._side_files()):
+        if not d["exists"]:
             print(f"nothing to clear: no cache database at {d['path']}")
             return 0
         if not getattr(args, "yes", False):
@@ -1014,15 +1067,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"would delete {what} from {d['path']}; pass --yes to delete")
                 return 1
         try:
-            n = cache.clear(kind, remove_files=kind is None)
+            n = cache.clear(kind)
         except OSError as exc:
             print(f"vlm-tta: error: {exc}", file=sys.stderr)
             return 1
-        kept = cache.db_path.exists() and kind is None
-        print(
-            f"deleted {n} entries from {d['path']}"
-            + (" (the emptied database is kept: another process has it open)" if kept else "")
-        )
+        size = cache.info()["bytes"]
+        print(f"deleted {n} entries from {d['path']} ({_human_bytes(size)} on disk now)")
         return 0
     print(f"unknown cache command {command!r}; use info or clear", file=sys.stderr)  # pragma: no cover
     return 2

@@ -68,19 +68,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from .cache import EmbeddingCache, as_cache, make_key
 from .errors import FIX, ImageError, VlmTtaError
 from .images import content_hash, load_image
-from .models.base import state_dict_digest
-from .views import ViewRNG
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, torchvision, models.base and views are imported where they are used: building the
+# `vlm-tta` parser imports this module for `add_parser`, and the light verbs (cache, datasets,
+# templates) must not pay for torch.
 
 __all__ = [
     "CLIP_MEAN",
@@ -270,6 +272,8 @@ def check_available(
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -287,6 +291,8 @@ def load_pipeline(
     ``dtype`` (default fp16 on CUDA, fp32 elsewhere). ``use_safetensors=None`` takes safetensors
     when present and ``.bin`` files (read with ``weights_only=True``) otherwise; no remote code.
     Raises :class:`DiffusionWeightsError` with what to download when the weights are not here."""
+    import torch
+
     check_available(pipeline, revision, local_files_only)
     device = torch.device(device or default_device())
     if dtype is None:
@@ -353,6 +359,8 @@ def _config_dict(obj: Any) -> Any:
 def _object_digest(pipe: Any) -> str:
     """SHA-256 over the weights of the UNet, VAE and image encoder and the scheduler's and feature
     extractor's configurations."""
+    from .models.base import state_dict_digest
+
     h = hashlib.sha256()
     for name in ("unet", "vae", "image_encoder"):
         h.update(f"{name}:{state_dict_digest(getattr(pipe, name))};".encode())
@@ -387,6 +395,10 @@ def conditioning_pixels(images: Sequence[Image.Image], mode: str, pipe: Any) -> 
     the pipeline's own ``CLIPImageProcessor``."""
     if mode == "feature_extractor":
         return pipe.feature_extractor(images=list(images), return_tensors="pt").pixel_values.float()
+    import torch
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     size = int(pipe.image_encoder.config.image_size)
     out = []
     for img in images:
@@ -411,6 +423,9 @@ def finish_generation(pixels: np.ndarray, settings: VariationSettings) -> np.nda
         with Image.open(buf) as decoded:
             img = decoded.convert("RGB")
     if settings.store_size is not None and min(img.size) > settings.store_size:
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
         img = TF.resize(img, settings.store_size, InterpolationMode.BICUBIC)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
@@ -576,6 +591,8 @@ class ImageVariations:
         return load_image(src, exif_transpose=self.exif_transpose)
 
     def _generator(self, image_hash: str, index: int) -> torch.Generator:
+        from .views import ViewRNG
+
         return ViewRNG(f"diffusion|{self.settings.seed}|{image_hash}|{int(index)}").torch
 
     def _run_batch(self, pipe: Any, cond: torch.Tensor, gens: list[torch.Generator]) -> list[np.ndarray]:
@@ -632,6 +649,8 @@ class ImageVariations:
         )
 
     def _generate_jobs(self, images, hashes, jobs, progress, keep) -> None:
+        import torch
+
         bar = None
         show = progress if progress is not None else (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
         if show:

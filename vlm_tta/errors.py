@@ -107,3 +107,8 @@ class MethodOptionError(VlmTtaError, TypeError, ValueError):
 
 class OptionError(VlmTtaError, TypeError, ValueError):
     """An argument of a public function (or a CLI flag) has the wrong type or an invalid value."""
+
+
+class UnsupportedBackboneError(VlmTtaError, ValueError):
+    """A method needs something of the backbone that this backbone does not have (e.g. TCA needs a
+    vision transformer with a class token)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from .errors import TemplateError
-from .models.base import validate_templates
+from .validation import validate_templates
 
 Templates = Union[str, Sequence[str]]
 DEFAULT_TEMPLATES = "single"

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ..errors import FIX, ClassNamesError, ModelSpecError, TemplateError
+from ..errors import FIX, ClassNamesError, ModelSpecError
+from ..validation import validate_classnames, validate_templates  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -62,52 +63,6 @@ def state_dict_digest(module: torch.nn.Module) -> str:
             t = t.to("cpu").contiguous().reshape(-1)  # reshape: 0-dim tensors (logit_scale) cannot be viewed as bytes
             h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
     return h.hexdigest()
-
-
-def validate_classnames(classnames: Sequence[str], allow_duplicates: bool = False) -> list[str]:
-    """Return the class names as a list after checking none is empty, blank or (unless
-    ``allow_duplicates``) duplicated. CLIP's curated ImageNet names repeat "missile" and
-    "sunglasses"; benchmark code passes ``allow_duplicates=True`` for them."""
-    if isinstance(classnames, str):
-        raise ClassNamesError(
-            "classnames must be a sequence of names, not one string; e.g. ['cat', 'dog'] "
-            "(on the command line: --classes cat,dog)"
-        )
-    names = list(classnames)
-    if not names:
-        raise ClassNamesError("classnames is empty: pass at least one class name")
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise ClassNamesError(f"class name #{i} is a {type(name).__name__}, not a string: {name!r}")
-        if not name.strip():
-            raise ClassNamesError(f"class name #{i} is blank; every class needs a name")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names if not allow_duplicates else ()):
-        key = name.strip()
-        if key in seen:
-            raise ClassNamesError(
-                f"class name {name!r} appears twice (positions {seen[key]} and {i}); class names must be unique "
-                f"(pass {FIX} if two classes really share a name)",
-                fix={"allow_duplicate_classnames": True},
-            )
-        seen[key] = i
-    return names
-
-
-def validate_templates(templates: Sequence[str]) -> list[str]:
-    """Check every template has exactly one ``{}`` placeholder for the class name."""
-    if isinstance(templates, str):
-        templates = [templates]
-    out = list(templates)
-    if not out:
-        raise TemplateError("the template list is empty: pass at least one template such as 'a photo of a {}.'")
-    for t in out:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise TemplateError(
-                f"template {t!r} must contain the placeholder '{{}}' exactly once, where the class name goes "
-                "(e.g. 'a photo of a {}.')"
-            )
-    return out
 
 
 class VisionLanguageModel(ABC):
