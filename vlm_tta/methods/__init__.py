@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import adand, subtta, tca, zeroshot  # noqa: F401  (register "adand", "subtta", "tca", "zeroshot")
+from . import adand, dmn, subtta, tca, tda, zero, zeroshot  # noqa: F401  (each module registers its method)
 from .base import (
     Method,
     MethodContext,
