@@ -8,6 +8,9 @@ Fixtures (session-scoped unless noted; all on CPU, fp32):
   :func:`vlm_tta.models.from_hf` (seed 0);
 * ``tiny_hf_clip_dir`` / ``tiny_hf_siglip_dir``: a directory holding the same model + processor as
   ``save_pretrained`` writes them, for ``load_model("hf:/dir")``.
+* ``cfg_file``: the tiny open_clip config as a JSON file (``--model FILE --pretrained none``);
+* ``data_root``: tiny fake datasets in their real layouts for the benchmark tests: eurosat (3 classes
+  x 3 images), oxford_pets (2 x 3), textures (3 x 2).
 
 The session-scoped models are shared: never change their weights in place. Load a private copy
 (``load_model(f"hf:{tiny_hf_clip_dir}")`` or ``tiny_models.build_tiny_openclip()``) to do that.
@@ -121,6 +124,26 @@ def tiny_hf_siglip(_tiny_hf_siglip_parts, tiny_hf_siglip_dir):
 
     model, processor = _tiny_hf_siglip_parts
     return from_hf(model, processor, name="hf:tiny-siglip", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cfg_file(tmp_path_factory) -> str:
+    import json
+
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(tiny_models.tiny_openclip_config()))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    from fake_datasets import make_coop, make_textures
+
+    root = tmp_path_factory.mktemp("bench_data")
+    make_coop(root, "eurosat", labels=[0, 3, 7], per_class=3, splits=("test",))
+    make_coop(root, "oxford_pets", labels=[1, 2], per_class=3, splits=("test",))
+    make_textures(root, classes=("banded", "zigzagged", "dotted"), per_class=2)
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ suites, resumable rows, shards, OOD and noisy-TTA protocols, the cache across ru
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,12 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import bench_worker  # noqa: F401  (registers the test methods _running and _slow)
 import numpy as np
 import pytest
-import tiny_models
 import yaml
-from fake_datasets import make_coop, make_textures
+from bench_worker import tiny_suite  # (also registers the test methods _running and _slow)
 
 from vlm_tta.benchmark.results import ResultStore
 from vlm_tta.benchmark.runner import BenchmarkError, Runner, parse_methods
@@ -27,32 +24,8 @@ from vlm_tta.features import encoder_call_counter
 WORKER = Path(__file__).parent / "bench_worker.py"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_data")
-    make_coop(root, "eurosat", labels=[0, 3, 7], per_class=3, splits=("test",))
-    make_coop(root, "oxford_pets", labels=[1, 2], per_class=3, splits=("test",))
-    make_textures(root, classes=("banded", "zigzagged", "dotted"), per_class=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cfg_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(tiny_models.tiny_openclip_config()))
-    return str(path)
-
-
 def write_suite(path: Path, **overrides) -> Path:
-    suite = {
-        "name": "tiny",
-        "protocol": "classification",
-        "seeds": [0, 1],
-        "methods": ["zeroshot", "_running"],
-        "defaults": {"templates": "single"},
-        "datasets": ["eurosat", "oxford_pets"],
-    }
-    suite.update(overrides)
+    suite = tiny_suite(**overrides)
     path.write_text(yaml.safe_dump(suite))
     return path
 

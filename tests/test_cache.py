@@ -885,3 +885,53 @@ def test_unwritable_directory_reads_through_immutable_fallback(tmp_path, monkeyp
         assert c.put("c", np.ones(1)) is False
     assert len(rec) == 1 and compute.calls == [[1]]
     assert np.array_equal(out, np.stack([np.ones(3, np.float32), compute.values[1]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# export / merge: one cache per machine, copied between machines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_export_is_a_consistent_copy_while_the_cache_is_in_use(tmp_path):
+    node0 = EmbeddingCache(tmp_path / "node0")
+    values = rows(6)
+    node0.put_many([(make_key("view", i), values[i]) for i in range(4)])
+    assert (tmp_path / "node0" / f"{DB_FILENAME}-wal").exists()  # the writer's WAL holds uncheckpointed rows
+    assert node0.export(tmp_path / "snap" / "node0.sqlite3") == 4  # node0 stays open and usable
+    node0.put(make_key("view", 4), values[4])
+    snap = tmp_path / "snap" / "node0.sqlite3"
+    assert not Path(f"{snap}-wal").exists() and not list(snap.parent.glob(".*.tmp"))
+    # the snapshot seeds an empty cache of another machine: the same arrays, bit for bit
+    node1 = EmbeddingCache(tmp_path / "node1")
+    assert node1.merge(snap) == 4
+    got = node1.get_many([make_key("view", i) for i in range(5)])
+    assert sorted(got) == sorted(make_key("view", i) for i in range(4))
+    assert all(np.array_equal(got[make_key("view", i)], values[i]) for i in range(4))
+    # merging adds only what is missing; entries already there are kept as they are
+    node1.put(make_key("view", 5), values[5])
+    node1.put(make_key("view", 0), values[5])
+    assert node1.merge(tmp_path / "node0") == 1  # a cache directory works too: view 4 is new
+    assert np.array_equal(node1.get(make_key("view", 0)), values[5]) and len(node1) == 6
+
+
+def test_merge_refuses_what_is_not_a_cache(tmp_path):
+    other = tmp_path / "other.sqlite3"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(OSError, match="not a vlm_tta cache"):
+        EmbeddingCache(tmp_path / "c").merge(other)
+    with pytest.raises(OSError, match="no cache database"):
+        EmbeddingCache(tmp_path / "c").merge(tmp_path / "missing.sqlite3")
+    with pytest.raises(OSError, match="no cache database at .* to export"):
+        EmbeddingCache(tmp_path / "empty").export(tmp_path / "x.sqlite3")
+
+
+def test_cli_export_and_merge(tmp_path, capsys):
+    _fill(tmp_path / "a")
+    snap = tmp_path / "a.sqlite3"
+    assert run(_parse("cache", "export", str(snap), "--cache-dir", str(tmp_path / "a"))) == 0
+    assert "exported 7 entries" in capsys.readouterr().out
+    assert run(_parse("cache", "merge", str(snap), str(snap), "--cache-dir", str(tmp_path / "b"))) == 0
+    out = capsys.readouterr().out
+    assert "merged 7 new entries" in out and "merged 0 new entries" in out and len(EmbeddingCache(tmp_path / "b")) == 7
+    assert run(_parse("cache", "merge", str(tmp_path / "nope.sqlite3"), "--cache-dir", str(tmp_path / "b"))) == 1
+    assert "no cache database" in capsys.readouterr().err

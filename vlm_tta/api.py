@@ -331,8 +331,8 @@ def classify_features(
         batch_size: rows per call of the method (methods with a batch of their own ignore it).
         noise_features / injected_noise: AdaND's noisy-TTA replay: M x D raw embeddings of injected
             noise images, or a boolean per row marking rows of the stream as injected noise.
-        support_features / support_labels: labelled few-shot embeddings (K x D and K class indices)
-            for methods with a static memory (DMN-TF).
+        support_features / support_labels: labelled few-shot embeddings (K x D, or K x V x D views
+            with view 0 the original, and K class indices) for methods with a static memory (DMN-TF).
 
     Rows are processed in order (online methods see that order). Methods that need pixels (TPT,
     TCA, ...) raise: use :func:`classify`.
@@ -400,8 +400,11 @@ def _extras(n: int, dim: int, n_classes: int, noise_features, injected_noise, su
     if support_features is not None:
         feats = _as_float_tensor(support_features, "support_features")
         labels = torch.as_tensor(np.asarray(support_labels))
-        if feats.ndim != 2 or feats.shape[1] != dim:
-            raise FeatureError(f"support_features must be K x {dim}; got shape {tuple(feats.shape)}")
+        if feats.ndim not in (2, 3) or feats.shape[-1] != dim:
+            raise FeatureError(
+                f"support_features must be K x {dim} (or K x V x {dim}: views, view 0 the original); "
+                f"got shape {tuple(feats.shape)}"
+            )
         if labels.shape != (len(feats),) or labels.is_floating_point() or labels.dtype == torch.bool:
             raise FeatureError(f"support_labels must be {len(feats)} integer class indices")
         if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):

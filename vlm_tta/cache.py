@@ -33,7 +33,9 @@ Floating arrays come back as ``float32``. ``storage_dtype="float16"`` halves the
 :meth:`EmbeddingCache.get_or_compute` for how results stay identical between cold and warm runs.
 
 Environment: ``VLM_TTA_CACHE_DIR`` (location), ``VLM_TTA_NO_CACHE=1`` (turn the cache off).
-The ``vlm-tta cache info`` / ``vlm-tta cache clear`` verbs are defined here (:func:`add_parser`, :func:`run`).
+The ``vlm-tta cache info|clear|export|merge`` verbs are defined here (:func:`add_parser`, :func:`run`).
+``export``/``merge`` copy a cache between machines: one cache per machine on local disk, since
+SQLite's locking is not reliable on network filesystems (NFS).
 """
 
 from __future__ import annotations
@@ -929,6 +931,72 @@ class EmbeddingCache:
                 _REPORTED.pop(str(self.db_path), None)  # a new problem deserves a new warning
             return n
 
+    def export(self, path: str | os.PathLike) -> int:
+        """Write a consistent copy of the whole cache to the file ``path`` (SQLite's online backup:
+        safe while other processes read and write the cache), to seed or merge into the cache of
+        another machine (:meth:`merge`). Returns the entries copied. Raises ``OSError``."""
+        dest = Path(os.path.expanduser(os.fspath(path)))
+        if not self.db_path.exists():
+            raise OSError(f"there is no cache database at {self.db_path} to export")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        self._check_fork()
+        src = dst = None
+        try:
+            src = _connect(self.db_path, readonly=not os.access(self.directory, os.W_OK))
+            src.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+            self._check_schema(src)
+            dst = sqlite3.connect(os.fspath(tmp), isolation_level=None)
+            src.backup(dst)  # in one step: a snapshot of one moment
+            dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file (no -wal beside it)
+            n = int(dst.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+            dst.close()
+            dst = None
+            os.replace(tmp, dest)
+            return n
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot export the cache {self.db_path} to {dest}: {exc}") from exc
+        finally:
+            for conn in (src, dst):
+                if conn is not None:
+                    conn.close()
+            tmp.unlink(missing_ok=True)
+
+    def merge(self, path: str | os.PathLike) -> int:
+        """Add the entries of another cache database (a file written by :meth:`export`, or another
+        cache's ``embeddings.sqlite3`` that no process is writing) that this cache lacks, in one
+        transaction; returns how many were added. Entries keep their checksums, so a damaged one is
+        still never returned. Raises ``OSError`` (this is a maintenance call)."""
+        src = Path(os.path.expanduser(os.fspath(path)))
+        if src.is_dir():
+            src = src / DB_FILENAME
+        if not src.is_file():
+            raise OSError(f"no cache database at {src}")
+        self._check_fork()
+        with self._lock:
+            if self._open(for_write=True) is None:  # creates and initialises this cache if needed
+                raise OSError(f"the cache at {self.db_path} cannot be written")
+            conn = None
+            try:
+                conn = _connect(self.db_path)
+                conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT_S * 1000))
+                conn.execute("ATTACH DATABASE ? AS src", (os.fspath(src),))
+                app_id = conn.execute("PRAGMA src.application_id").fetchone()[0]
+                version = conn.execute("PRAGMA src.user_version").fetchone()[0]
+                if app_id != _APPLICATION_ID or version > _SCHEMA_VERSION:
+                    raise OSError(f"{src} is not a vlm_tta cache database this version can read")
+                with _transaction(conn):
+                    conn.execute(
+                        "INSERT OR IGNORE INTO main.embeddings (key, kind, dtype, shape, checksum, created, nbytes, "
+                        "data) SELECT key, kind, dtype, shape, checksum, created, nbytes, data FROM src.embeddings"
+                    )
+                    return int(conn.execute("SELECT changes()").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise OSError(f"cannot merge {src} into the cache {self.db_path}: {exc}") from exc
+            finally:
+                if conn is not None:
+                    conn.close()
+
     def _delete_rows(self, kind: str | None) -> int:
         conn = None
         try:
@@ -991,7 +1059,7 @@ def as_cache(cache: "EmbeddingCache | bool | str | os.PathLike | None" = None, *
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: vlm-tta cache info|clear
+# Command line: vlm-tta cache info|clear|export|merge
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1001,10 +1069,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Inspect or clear the shared embedding cache. Location: --cache-dir, else "
         f"${CACHE_DIR_ENV}, else $XDG_CACHE_HOME/vlm_tta, else ~/.cache/vlm_tta."
     )
-    p = subparsers.add_parser("cache", help="inspect or clear the embedding cache", description=desc)
+    p = subparsers.add_parser("cache", help="inspect, clear, export or merge the embedding cache", description=desc)
     # SUPPRESS: never overwrite a --cache-dir given at another level of the command line.
     p.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
-    sub = p.add_subparsers(dest="cache_command", metavar="{info,clear}")
+    sub = p.add_subparsers(dest="cache_command", metavar="{info,clear,export,merge}")
     pi = sub.add_parser("info", help="location, size and entries of the cache", description=desc)
     pi.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
     pi.add_argument("--json", action="store_true", help="print JSON")
@@ -1012,6 +1080,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     pc.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
     pc.add_argument("--yes", "-y", action="store_true", help="delete without asking")
     pc.add_argument("--kind", default=None, help="delete only entries of this kind (e.g. view, text)")
+    pe = sub.add_parser("export", help="a consistent copy of the cache in one file (to seed another machine)")
+    pe.add_argument("file", help="the file to write (e.g. /shared/cache-node0.sqlite3)")
+    pe.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
+    pm = sub.add_parser("merge", help="add the entries of exported caches that this cache lacks")
+    pm.add_argument("files", nargs="+", help="files written by `vlm-tta cache export` (or cache directories)")
+    pm.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache directory")
     p.set_defaults(func=run)
     return p
 
@@ -1074,5 +1148,15 @@ def run(args: argparse.Namespace) -> int:
         size = cache.info()["bytes"]
         print(f"deleted {n} entries from {d['path']} ({_human_bytes(size)} on disk now)")
         return 0
-    print(f"unknown cache command {command!r}; use info or clear", file=sys.stderr)  # pragma: no cover
+    if command in ("export", "merge"):
+        try:
+            if command == "export":
+                print(f"exported {cache.export(args.file)} entries from {d['path']} to {args.file}")
+            for src in getattr(args, "files", ()):
+                print(f"merged {cache.merge(src)} new entries from {src} into {cache.db_path}")
+        except OSError as exc:
+            print(f"vlm-tta: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    print(f"unknown cache command {command!r}; use info, clear, export or merge", file=sys.stderr)  # pragma: no cover
     return 2

@@ -837,12 +837,20 @@ def _sources(args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Carry out ``vlm-tta generate``; returns the exit status."""
+    """Carry out ``vlm-tta generate``; returns the exit status. Under torchrun each rank makes the
+    generations of every n-th image on its own GPU, into its node's cache (see the README)."""
+    from .distributed import torchrun_world
+
+    with torchrun_world(args.device) as world:
+        return _generate(args, world)
+
+
+def _generate(args: argparse.Namespace, world) -> int:
     gen = ImageVariations(
         args.diffusion,
         revision=args.revision,
         cache=EmbeddingCache(args.cache_dir),
-        device=args.device,
+        device=world.device if world.distributed else args.device,
         batch_size=args.batch_size,
         exif_transpose=not args.ignore_exif,
         count=args.count,
@@ -859,24 +867,29 @@ def run(args: argparse.Namespace) -> int:
     if not gen.cache.writable:
         raise VlmTtaError(f"the cache at {gen.cache.directory} cannot be written; generated views would be lost")
     sources, hashes, skipped = [], [], []
-    for src in _sources(args):
+    mine = _sources(args)[world.rank :: world.size]  # the whole list in a single process
+    prefix = f"[{world.label}] " if world.distributed else ""
+    for src in mine:
         try:
             hashes.append(content_hash(gen._decode(src)))
             sources.append(src)
         except ImageError as exc:  # as dataset streams do: report and go on
             skipped.append(src)
-            print(f"vlm-tta: skipping an unreadable image: {exc}", file=sys.stderr)
-    if not sources:
+            print(f"{prefix}vlm-tta: skipping an unreadable image: {exc}", file=sys.stderr)
+    if not sources and not world.distributed:  # (a rank's share may be empty or unreadable)
         raise VlmTtaError("none of the images could be read")
     if gen.missing(hashes):
         gen.check_available()  # before any generation: a clear error when the weights are not here
-    report = gen.generate(sources, image_hashes=hashes, progress=False if args.no_progress or args.json else None)
+    quiet = args.no_progress or args.json or world.rank > 0  # one progress bar: rank 0's
+    report = gen.generate(sources, image_hashes=hashes, progress=False if quiet else None)
     summary = {**report.as_dict(), "skipped": len(skipped), "pipeline": gen.identity, "cache": str(gen.cache.directory)}
+    if world.distributed:
+        summary.update(rank=world.rank, world_size=world.size)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=None if world.distributed else 2))  # one line per rank
     else:
         print(
-            f"{report.images} images x {gen.settings.count} generations: {report.generated} generated, "
+            f"{prefix}{report.images} images x {gen.settings.count} generations: {report.generated} generated, "
             f"{report.cached} already cached"
             + (
                 f"; {report.seconds:.1f} s, {report.seconds_per_image:.2f} s per image "

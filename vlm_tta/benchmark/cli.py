@@ -60,7 +60,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--out", required=True, help="run folder: rows/, predictions/, subsets/ (resumable)")
         p.add_argument("--seeds", type=_int_list, default=None, help="stream orders of online methods, e.g. 0,1,2")
         p.add_argument("--limit", type=int_at_least(1), default=None, help="a seeded subset of N images per dataset")
-        p.add_argument("--shard", type=_shard, default=(0, 1), help="run every n-th pass starting at i: i/n")
+        p.add_argument(
+            "--shard", type=_shard, default=(0, 1), help="every n-th pass from i: i/n (torchrun's ranks divide it)"
+        )
         p.add_argument("--skip-missing", action="store_true", help="run the datasets that are there")
         p.add_argument("--templates", default=None, help="override the suite's prompt set for every dataset")
         p.add_argument(
@@ -114,6 +116,13 @@ def _method_options(pairs) -> dict[str, dict]:
 
 
 def _cmd_bench(args) -> int:
+    from ..distributed import torchrun_world
+
+    with torchrun_world(args.device) as world:  # one process, or a rank of a torchrun world
+        return _bench(args, world)
+
+
+def _bench(args, world) -> int:
     from ..cli import load_model_from_args
     from .runner import Runner, parse_methods
     from .suites import load_suite
@@ -124,11 +133,14 @@ def _cmd_bench(args) -> int:
 
         raise BenchmarkError(f"suite {suite.name!r} is a {suite.protocol!r} suite; use `vlm-tta bench` for it")
     methods = parse_methods(args.methods or list(suite.methods), _method_options(args.option))
+    if world.distributed:
+        args.device = world.device
     model = load_model_from_args(args)
     cache = False
     if not args.no_cache:
         cache = True if args.cache_dir is None else args.cache_dir
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    prefix = f"[{world.label}] " if world.distributed else ""
     runner = Runner(
         suite,
         methods,
@@ -143,15 +155,18 @@ def _cmd_bench(args) -> int:
         batch_size=args.batch_size,
         cache=cache,
         num_workers=args.num_workers,
-        progress=progress,
+        progress=progress and world.rank == 0,  # one bar: rank 0's
         noisy_fractions=getattr(args, "noisy_fractions", None),
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: print(prefix + line, file=sys.stderr),
+        world=world,
     )
     counts = runner.run()
-    print(
-        f"vlm-tta: {counts['ran']} row(s) written, {counts['already_done']} already done, "
-        f"{counts['jobs']} job(s) in {counts['passes']} pass(es) of shard {args.shard[0]}/{args.shard[1]}; "
-        f"rows in {runner.store.rows_dir}",
-        file=sys.stderr,
-    )
+    if world.rank == 0:
+        ranks = f" over {world.size} ranks" if world.distributed else ""
+        print(
+            f"vlm-tta: {counts['ran']} row(s) written, {counts['already_done']} already done, "
+            f"{counts['jobs']} job(s) in {counts['passes']} pass(es) of shard {args.shard[0]}/{args.shard[1]}"
+            f"{ranks}; rows in {runner.store.rows_dir}",
+            file=sys.stderr,
+        )
     return 0

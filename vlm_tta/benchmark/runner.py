@@ -13,11 +13,15 @@ read (or encoded, the first time) once for all of them; a model-level method get
 Passes are sharded (``shard=(i, n)``: every n-th pass), so several processes or machines can share one
 output folder; online streams always stay whole. A finished job's row is written atomically and is
 never recomputed: kill a run at any moment and run the same command again to finish it.
+
+Under ``torchrun`` (``world=``), the ranks divide the work further: episodic jobs split their
+images, online streams go whole to one rank (:mod:`vlm_tta.benchmark.distributed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import resource
 import sys
@@ -166,6 +170,32 @@ class Pass:
         return f"{self.dataset.name}|{extra}|{self.stream_seed}|{self.templates}|{methods}"
 
 
+@dataclass
+class Stream:
+    """A pass's images in stream order: ``ds.path(order[k])`` is stream position ``k``."""
+
+    ds: Any
+    order: np.ndarray
+    digest: str  # of the sample list and the order: processes that share work check they agree
+
+
+@dataclass
+class JobOutput:
+    """What a job gave over its stream (or one process's share of it), by stream position."""
+
+    positions: np.ndarray  # int64 stream positions of the predictions, increasing
+    logits: np.ndarray  # float32, one row per position
+    scores: np.ndarray | None  # the method's ID / clean score, when it gives one for every image
+    noisy: np.ndarray | None  # the method's own noisy decisions, when it makes them
+    reference_scores: np.ndarray | None  # noisy TTA: frozen zero-shot MSP, for ZS-NTTA's noise rule
+    skipped: list  # (stream position, name, reason) of unreadable images
+    seconds: float  # method time plus the pass's shared work (images, views, embeddings)
+    method_seconds: float
+    peak_memory_mb: float
+    memory_kind: str
+    run_info: dict
+
+
 class Runner:
     """Run a suite; see the module docstring. ``log`` receives one line per finished row."""
 
@@ -188,6 +218,7 @@ class Runner:
         progress: bool = False,
         noisy_fractions: Sequence[float] | None = None,
         log: Callable[[str], None] | None = None,
+        world=None,
     ) -> None:
         from ..api import resolve_model
 
@@ -214,8 +245,10 @@ class Runner:
         self.progress = progress
         self.noisy_fractions = tuple(noisy_fractions) if noisy_fractions else suite.noisy_fractions
         self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.world = world  # a vlm_tta.distributed.World: this process's share of a torchrun run
         self._datasets: dict[str, Any] = {}
         self._features = None
+        self._env: dict | None = None
 
     # ----------------------------------------------------------------- data
     def check_data(self) -> list[str]:
@@ -334,7 +367,12 @@ class Runner:
 
     # ----------------------------------------------------------------- running
     def run(self) -> dict:
-        """Run this shard's unfinished jobs; returns counts (done before, run now, rows total)."""
+        """Run this shard's unfinished jobs; returns counts (done before, run now, rows total).
+        Under torchrun the ranks divide the shard's work (:mod:`vlm_tta.benchmark.distributed`)."""
+        if self.world is not None and self.world.distributed:
+            from .distributed import run_distributed
+
+            return run_distributed(self, self.world)
         passes = self.plan()
         i, n = self.shard
         mine = [p for k, p in enumerate(passes) if k % n == i]
@@ -359,16 +397,34 @@ class Runner:
             )
         return self._features
 
-    def _run_pass(self, p: Pass, jobs: list[Job]) -> None:
-        from ..engine import run_stream
-        from ..methods import MethodContext, create_method
-        from ..templates import template_set_id
+    def _environment(self) -> dict:
+        if self._env is None:
+            self._env = environment()
+        return self._env
 
-        store = self._feature_store()
+    def _run_pass(self, p: Pass, jobs: list[Job]) -> None:
+        """Run ``jobs`` over the pass's whole stream and write their rows."""
+        stream = self.open_stream(p)
+        for job, out in zip(jobs, self.compute(p, jobs, stream)):
+            self.write_row(p, job, stream, out)
+
+    def open_stream(self, p: Pass) -> Stream:
+        """The pass's stream: its dataset and image order (the same in every process)."""
         ds = self._stream_dataset(p.dataset, p.extra, p.stream_seed)
         order = ds.order(p.stream_seed)
-        sources = [ds.path(int(k)) for k in order]
-        labels = ds.labels[order]
+        digest = hashlib.sha256(f"{ds.fingerprint()}|".encode() + order.astype("<i8").tobytes()).hexdigest()
+        return Stream(ds, order, digest[:20])
+
+    def compute(self, p: Pass, jobs: list[Job], stream: Stream, positions: np.ndarray | None = None) -> list[JobOutput]:
+        """Run ``jobs`` over the stream positions ``positions`` (default: all, in order) through
+        :func:`vlm_tta.engine.run_stream`; one :class:`JobOutput` per job, in stream positions."""
+        from ..engine import run_stream
+        from ..methods import MethodContext, create_method
+
+        store = self._feature_store()
+        ds, order = stream.ds, stream.order
+        positions = np.arange(len(order), dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+        sources = [ds.path(int(order[k])) for k in positions]
         classes = store.class_features(ds.classnames, p.templates, allow_duplicates=True)
         vlm = self.model
 
@@ -387,7 +443,7 @@ class Runner:
             runs,
             store,
             sources,
-            [ds.relpath(int(k)) for k in order],
+            [ds.relpath(int(order[k])) for k in positions],
             batch_size=self.batch_size,
             on_error="skip",
             progress=self.progress,
@@ -396,81 +452,104 @@ class Runner:
             memory, memory_kind = torch.cuda.max_memory_allocated(vlm.device) / 2**20, "cuda_max_allocated"
         else:
             memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
-        reference_scores = None
+        reference_by_pos = {}
         if reference is not None:
-            reference_scores = np.array([pr.score for pr in outs[-1].predictions], dtype=np.float64)
-        env = environment()
-        for job, (method, _), out in zip(jobs, runs, outs):
-            pos = np.asarray(out.positions, dtype=np.int64)
-            y = labels[pos]
-            logits = (
-                torch.stack([pr.logits.float() for pr in out.predictions]).numpy()
-                if out.predictions
-                else np.zeros((0, len(ds.classnames)), np.float32)
+            reference_by_pos = {int(k): pr.score for k, pr in zip(outs[-1].positions, outs[-1].predictions)}
+        results = []
+        for (method, _), out in zip(runs, outs):
+            local = np.asarray(out.positions, dtype=np.int64)
+            preds = out.predictions
+            results.append(
+                JobOutput(
+                    positions=positions[local],
+                    logits=torch.stack([pr.logits.float() for pr in preds]).numpy()
+                    if preds
+                    else np.zeros((0, len(ds.classnames)), np.float32),
+                    scores=np.array([pr.score for pr in preds], dtype=np.float64)
+                    if preds and all(pr.score is not None for pr in preds)
+                    else None,
+                    noisy=np.array([bool(pr.noisy) for pr in preds])
+                    if preds and all(pr.noisy is not None for pr in preds)
+                    else None,
+                    reference_scores=np.array([reference_by_pos[int(k)] for k in local], dtype=np.float64)
+                    if reference is not None
+                    else None,
+                    skipped=[(int(positions[k]), name, reason) for k, name, reason in out.skipped],
+                    seconds=out.method_seconds + out.shared_seconds,
+                    method_seconds=out.method_seconds,
+                    peak_memory_mb=memory,
+                    memory_kind=memory_kind,
+                    run_info=_jsonable(method.run_info()),
+                )
             )
-            pred = logits.argmax(1) if len(logits) else np.zeros(0, np.int64)
-            scores = (
-                np.array([pr.score for pr in out.predictions], dtype=np.float64)
-                if out.predictions and all(pr.score is not None for pr in out.predictions)
-                else None
-            )
-            noisy = (
-                np.array([bool(pr.noisy) for pr in out.predictions])
-                if out.predictions and all(pr.noisy is not None for pr in out.predictions)
-                else None
-            )
-            n_img = len(pos)
-            row = {
-                "job_id": job.id,
-                "version": ROW_VERSION,
-                "suite": self.suite.name,
-                "protocol": self.suite.protocol,
-                "dataset": job.dataset.name,
-                "method": job.method.name,
-                "method_label": job.method.label,
-                "options": dict(job.method.options),
-                "seed": job.seed,
-                "model": vlm.name,
-                "prompts": template_set_id(job.templates),
-                "views": repr(method.view_set()),
-                "limit": self.limit,
-                "subset": self.suite.subset,
-                "n_images": n_img,
-                "n_skipped": len(out.skipped),
-                "seconds_per_image": (out.method_seconds + out.shared_seconds) / max(n_img, 1),
-                "method_seconds_per_image": out.method_seconds / max(n_img, 1),
-                "peak_memory_mb": round(memory, 1),
-                "memory_kind": memory_kind,
-                "config": {
-                    "method_options": dict(job.options),
-                    "method_config": job.identity["config"],
-                    "templates": template_set_id(job.templates),
-                    "model_fingerprint": vlm.fingerprint,
-                    "batch_size": self.batch_size,
-                    "stream_seed": p.stream_seed,
-                    **env,
-                },
-                "run_info": _jsonable(method.run_info()),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **job.extra,
-            }
-            row.update(self._metrics(y, logits, pred, scores, noisy, reference_scores, pos))
-            # stream position, the image's index in the (sub)dataset of the stream, its label, the answer
-            arrays = {
-                "positions": pos,
-                "index": order[pos],
-                "labels": y,
-                "pred": pred,
-                "logits": logits.astype(np.float16),
-            }
-            if scores is not None:
-                arrays["scores"] = scores
-            if noisy is not None:
-                arrays["noisy"] = noisy
-            self.store.write(row, arrays)
-            self.log(_summary(row))
+        return results[: len(jobs)]
 
-    def _metrics(self, y, logits, pred, scores, noisy, reference_scores, pos) -> dict:
+    def write_row(self, p: Pass, job: Job, stream: Stream, out: JobOutput, parts: int = 1) -> None:
+        """Write ``job``'s row and arrays from its output over the whole stream (``parts``: how many
+        processes computed it, see :mod:`vlm_tta.benchmark.distributed`)."""
+        from ..templates import template_set_id
+
+        vlm = self.model
+        ds, order = stream.ds, stream.order
+        pos = out.positions
+        y = ds.labels[order][pos]
+        logits = out.logits
+        pred = logits.argmax(1) if len(logits) else np.zeros(0, np.int64)
+        n_img = len(pos)
+        config = {
+            "method_options": dict(job.options),
+            "method_config": job.identity["config"],
+            "templates": template_set_id(job.templates),
+            "model_fingerprint": vlm.fingerprint,
+            "batch_size": self.batch_size,
+            "stream_seed": p.stream_seed,
+            **self._environment(),
+        }
+        if parts > 1:
+            config["split_over_ranks"] = parts
+        row = {
+            "job_id": job.id,
+            "version": ROW_VERSION,
+            "suite": self.suite.name,
+            "protocol": self.suite.protocol,
+            "dataset": job.dataset.name,
+            "method": job.method.name,
+            "method_label": job.method.label,
+            "options": dict(job.method.options),
+            "seed": job.seed,
+            "model": vlm.name,
+            "prompts": template_set_id(job.templates),
+            "views": job.identity["views"],
+            "limit": self.limit,
+            "subset": self.suite.subset,
+            "n_images": n_img,
+            "n_skipped": len(out.skipped),
+            "seconds_per_image": out.seconds / max(n_img, 1),
+            "method_seconds_per_image": out.method_seconds / max(n_img, 1),
+            "peak_memory_mb": round(out.peak_memory_mb, 1),
+            "memory_kind": out.memory_kind,
+            "config": config,
+            "run_info": out.run_info,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **job.extra,
+        }
+        row.update(self._metrics(y, logits, pred, out.scores, out.noisy, out.reference_scores))
+        # stream position, the image's index in the (sub)dataset of the stream, its label, the answer
+        arrays = {
+            "positions": pos,
+            "index": order[pos],
+            "labels": y,
+            "pred": pred,
+            "logits": logits.astype(np.float16),
+        }
+        if out.scores is not None:
+            arrays["scores"] = out.scores
+        if out.noisy is not None:
+            arrays["noisy"] = out.noisy
+        self.store.write(row, arrays)
+        self.log(_summary(row))
+
+    def _metrics(self, y, logits, pred, scores, noisy, reference_scores) -> dict:
         from ..data import NOISY_LABEL
 
         clean = y != NOISY_LABEL
@@ -491,7 +570,7 @@ class Runner:
                 out["aupr"] = metrics.aupr(scores[clean], scores[~clean])
         if self.suite.protocol == "ntta":
             if noisy is None:  # ZS-NTTA's rule for its baselines: frozen zero-shot 1 - MSP against Otsu
-                noisy = metrics.otsu_noisy_flags(1.0 - reference_scores[pos], batch_size=NOISE_RULE_BATCH)
+                noisy = metrics.otsu_noisy_flags(1.0 - reference_scores, batch_size=NOISE_RULE_BATCH)
                 out["noise_rule"] = "zs_ntta_otsu"
             else:
                 out["noise_rule"] = "method"

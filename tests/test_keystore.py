@@ -1,0 +1,81 @@
+"""Shared memory mathematics in vlm_tta.methods.common: KeyStore, affinity, entropies, vote logits."""
+
+import math
+
+import pytest
+import torch
+
+from vlm_tta.errors import FeatureError, MethodOptionError
+from vlm_tta.methods.common import (
+    KeyStore,
+    affinity,
+    check_view_features,
+    entropy,
+    lowest,
+    prob_entropy,
+    probs_to_logits,
+)
+
+
+def test_keystore_batch_read_equals_reading_one_query_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    store = KeyStore(4, capacity=2)  # small capacity: growth happens mid-batch
+    for i in range(3):
+        store.add(torch.randn(4, generator=g), i)
+    queries = torch.randn(5, 4, generator=g)
+    store.begin(queries)
+    for i in range(5):
+        if i == 1:
+            store.set(0, torch.randn(4, generator=g))  # overwrite a row read by the batch product
+        if i in (2, 3):
+            store.add(torch.randn(4, generator=g), 9)  # new rows (the store grows past its capacity)
+        expected = store.keys[: store.n] @ queries[i]
+        torch.testing.assert_close(store.similarities(i), expected)
+    assert store.n == 5 and store.tags[:5].tolist() == [0, 1, 2, 9, 9]
+
+
+def test_keystore_values_and_extend():
+    store = KeyStore(2, value_dim=3)
+    rows = store.extend(torch.eye(2), torch.tensor([4, 5]))
+    assert rows.tolist() == [0, 1]
+    row = store.add(torch.ones(2), 7, torch.tensor([1.0, 0.0, 1.0]))
+    assert row == 2 and store.values[2].tolist() == [1.0, 0.0, 1.0] and store.values[0].tolist() == [0.0] * 3
+    store.begin(torch.tensor([[2.0, 3.0]]))
+    assert store.similarities(0).tolist() == [2.0, 3.0, 5.0]
+
+
+def test_affinity_is_tip_adapter_exp():
+    s = torch.tensor([1.0, 0.5, 0.0])
+    torch.testing.assert_close(affinity(s, 5.5), torch.tensor([1.0, math.exp(-2.75), math.exp(-5.5)]))
+
+
+def test_entropies():
+    logits = torch.tensor([[0.0, 0.0], [100.0, 0.0]])
+    torch.testing.assert_close(entropy(logits), torch.tensor([math.log(2), 0.0]), atol=1e-6, rtol=0)
+    p = torch.tensor([0.5, 0.5, 0.0])
+    assert float(prob_entropy(p)) == pytest.approx(math.log(2))  # 0 log 0 = 0, no NaN
+    assert float(prob_entropy(p, 1e-6)) == pytest.approx(-(2 * 0.5 * math.log(0.5 + 1e-6) + 0 * math.log(1e-6)))
+
+
+def test_lowest_keeps_int_fraction_stably():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 0.0, 5.0, 2.0, 2.0, 9.0, 7.0, 1.0]])
+    assert lowest(scores, 0.3).tolist() == [[3, 1, 2]]  # ties keep the lower index
+    with pytest.raises(MethodOptionError, match="keeps none"):
+        lowest(scores, 0.05)
+
+
+def test_probs_to_logits_softmax_gives_back_the_normalised_vector():
+    votes = torch.tensor([[0.0, 3.0, 1.0]])
+    logits = probs_to_logits(votes)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.softmax(-1), torch.tensor([[0.0, 0.75, 0.25]]))
+
+
+def test_check_view_features_errors():
+    x = torch.ones(2, 3, 4)
+    assert check_view_features(x, 2, "m").shape == (2, 2, 4)
+    with pytest.raises(FeatureError, match="reads 5 views"):
+        check_view_features(x, 5, "m")
+    x[1, 0, 0] = float("nan")
+    with pytest.raises(FeatureError, match="1 image"):
+        check_view_features(x, 3, "m")
