@@ -935,3 +935,20 @@ def test_cli_export_and_merge(tmp_path, capsys):
     assert "merged 7 new entries" in out and "merged 0 new entries" in out and len(EmbeddingCache(tmp_path / "b")) == 7
     assert run(_parse("cache", "merge", str(tmp_path / "nope.sqlite3"), "--cache-dir", str(tmp_path / "b"))) == 1
     assert "no cache database" in capsys.readouterr().err
+
+
+def test_fast_key_paths_equal_the_canonical_encoding():
+    # make_key's fast path for plain str/int parts and make_keys' shared prefix write exactly the
+    # text the canonical JSON encoding writes, so existing cache entries keep their keys.
+    import hashlib
+    import json
+
+    from vlm_tta.cache import make_keys
+
+    tricky = ["view", 'ü"\\\n\t\x00é漢😀', 1, -5, 10**30, "", "0"]
+    text = json.dumps(tricky, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert cache_mod.make_key(*tricky) == "view:" + hashlib.sha256(text.encode()).hexdigest()
+    prefix = ("view", "fp", "hash")
+    suffixes = [("original", 1), ("augmix", 0, 7, 1), ("given", 3), (), (1.5, None, True, {"b": 1, "a": [2]})]
+    assert make_keys(prefix, suffixes) == [cache_mod.make_key(*prefix, *s) for s in suffixes]
+    assert make_keys((), [("text", 1)]) == [cache_mod.make_key("text", 1)]

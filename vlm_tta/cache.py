@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -189,10 +190,36 @@ def make_key(*parts: Any) -> str:
     """
     if not parts:
         raise ValueError("make_key needs at least one part")
+    return _finish_key(parts[0], _json_list(parts))
+
+
+def make_keys(prefix: Sequence[Any], suffixes: Sequence[Sequence[Any]]) -> list[str]:
+    """``[make_key(*prefix, *suffix) for suffix in suffixes]``, with the prefix encoded once (the
+    keys of an image's views share everything but the view's own parts)."""
+    if not prefix:
+        return [make_key(*suffix) for suffix in suffixes]
+    head = _json_list(prefix)[:-1]  # "[p1,p2" : the prefix's elements, each encoded on its own
+    out = []
+    for suffix in suffixes:
+        tail = _json_list(suffix)[1:] if len(suffix) else "]"
+        out.append(_finish_key(prefix[0], head + ("," + tail if len(suffix) else tail)))
+    return out
+
+
+#: JSON's own string encoder (``json.dumps(..., ensure_ascii=False)`` uses it for every string).
+_json_str = json.encoder.encode_basestring
+
+
+def _json_list(parts: Sequence[Any]) -> str:
+    """The canonical JSON text of a list of key parts (see :func:`make_key`)."""
+    if all(type(p) is str or type(p) is int for p in parts):  # the common case: what json.dumps writes
+        return "[" + ",".join(_json_str(p) if type(p) is str else str(p) for p in parts) + "]"
     canon = _canonical(list(parts))
-    text = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _finish_key(first: Any, text: str) -> str:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    first = parts[0]
     if isinstance(first, str) and _KIND_RE.match(first):
         return f"{first}:{digest}"
     return digest
@@ -244,6 +271,22 @@ def _encode(key: str, value: Any, storage: np.dtype) -> tuple[str, str, str, byt
     return _kind_of(key), dtype, shape, _checksum(key, dtype, shape, data), data
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(dtype: str, shape: str) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, dims, byte size) of a row's ``dtype`` and ``shape`` texts, or None when they cannot
+    describe a stored array. Rows of one cache share a few layouts, so this is parsed once each."""
+    try:
+        dt = np.dtype(dtype)
+        if dt.kind not in _ALLOWED_KINDS or dt.byteorder == ">" or dt.hasobject:
+            return None
+        dims = json.loads(shape)
+        if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
+            return None
+        return dt, tuple(dims), math.prod(dims) * dt.itemsize
+    except Exception:  # whatever the damage (bad JSON, absurd nesting, odd dtype strings): not usable
+        return None
+
+
 def _decode(
     key: Any, dtype: Any, shape: Any, checksum: Any, data: Any, storage: np.dtype
 ) -> tuple[np.ndarray | None, str]:
@@ -254,20 +297,13 @@ def _decode(
         return None, "damaged"  # e.g. a TEXT column that comes back as a BLOB
     if not (isinstance(checksum, bytes) and isinstance(data, bytes)):
         return None, "damaged"
-    try:
-        dt = np.dtype(dtype)
-        if dt.kind not in _ALLOWED_KINDS or dt.byteorder == ">" or dt.hasobject:
-            return None, "damaged"
-        dims = json.loads(shape)
-        if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
-            return None, "damaged"
-        if len(data) != math.prod(dims) * dt.itemsize:
-            return None, "damaged"
-        if checksum != _checksum(key, dtype, shape, data):
-            return None, "damaged"
-        arr = np.frombuffer(data, dtype=dt).reshape(dims)
-    except Exception:  # whatever the damage (bad JSON, absurd nesting, odd dtype strings): not usable
+    layout = _layout(dtype, shape)
+    if layout is None or len(data) != layout[2]:
         return None, "damaged"
+    dt, dims, _ = layout
+    if checksum != _checksum(key, dtype, shape, data):
+        return None, "damaged"
+    arr = np.frombuffer(data, dtype=dt).reshape(dims)
     if dt.kind != "f":
         return arr.astype(dt.newbyteorder("="), copy=True), "ok"
     if dt.itemsize < storage.itemsize:

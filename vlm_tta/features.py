@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import EmbeddingCache, make_key
+from .cache import EmbeddingCache, make_key, make_keys
 from .errors import ImageError
 from .images import content_hash, load_image
 from .models.base import VisionLanguageModel, validate_classnames
@@ -257,7 +257,9 @@ class FeatureStore:
             hashes = [src.content_hash for src in sources]
         fp = self.model.fingerprint
         keys = [
-            make_key("view", fp, h, *src.key_parts(view_set, j)) for src, h in zip(sources, hashes) for j in range(v)
+            key
+            for src, h in zip(sources, hashes)
+            for key in make_keys(("view", fp, h), [src.key_parts(view_set, j) for j in range(v)])
         ]
         n_missing = [0]
 

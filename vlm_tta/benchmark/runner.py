@@ -540,7 +540,7 @@ class Runner:
             "index": order[pos],
             "labels": y,
             "pred": pred,
-            "logits": logits.astype(np.float16),
+            "logits": logits.astype(np.float32),
         }
         if out.scores is not None:
             arrays["scores"] = out.scores
