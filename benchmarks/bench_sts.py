@@ -14,7 +14,7 @@ Not part of the test run. Two parts:
     within 1.5x of zero-shot-with-64-views.
 
     python benchmarks/bench_sts.py                       # both parts
-    python benchmarks/bench_sts.py --part a --images 4096
+    python benchmarks/bench_sts.py --part a --images 4096 --chunk-powers 20,22,24
     python benchmarks/bench_sts.py --part b --raw-images 2 --device cuda
 """
 
@@ -41,7 +41,7 @@ from vlm_tta.methods.zeroshot import ZeroShot
 from vlm_tta.views import ViewSet
 
 
-def part_a(n_images: int, n_classes: int, dim: int, n_views: int, repeats: int) -> None:
+def part_a(n_images: int, n_classes: int, dim: int, n_views: int, repeats: int, chunk_powers: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
     views = torch.nn.functional.normalize(torch.randn(n_images, n_views, dim, generator=g), dim=-1)
     shared = torch.randn(dim, generator=g)  # CLIP-like prototypes share a direction
@@ -74,6 +74,15 @@ def part_a(n_images: int, n_classes: int, dim: int, n_views: int, repeats: int) 
             f"  {path:18s} zero-shot {n_images / zs:8.0f} img/s ({n_images / zs_cpu:6.0f} per CPU-s)   "
             f"STS {n_images / sts:6.0f} img/s ({n_images / sts_cpu:5.0f} per CPU-s)   "
             f"STS / zero-shot time {sts / zs:5.1f}x"
+        )
+    for power in chunk_powers:  # STS.chunk_elements: results do not depend on it, speed does
+        method = create_method("sts")
+        method.setup(MethodContext(classes, 100.0))
+        method.chunk_elements = 2**power
+        wall, cpu = best(lambda m=method: m.predict_batch(views))
+        print(
+            f"  STS predict_batch, chunk_elements 2^{power}: "
+            f"{n_images / wall:6.0f} img/s ({n_images / cpu:5.0f} per CPU-s)"
         )
     method = create_method("sts")
     t0 = time.perf_counter()
@@ -212,6 +221,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("a", "b", "both"), default="both")
     ap.add_argument("--images", type=int, default=2048, help="(a) images")
     ap.add_argument("--repeats", type=int, default=3, help="(a) timing repeats (the best is reported)")
+    ap.add_argument("--chunk-powers", default="", help="(a) also time STS.chunk_elements = 2^p for p in this list")
     ap.add_argument("--raw-images", type=int, default=2, help="(b) images")
     ap.add_argument("--classes", type=int, default=1000, help="classes (ImageNet's names in (b))")
     ap.add_argument("--model", default="ViT-B-16", help="(b) open_clip model name, random weights")
@@ -227,7 +237,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args)))
         return
     if args.part in ("a", "both"):
-        part_a(args.images, args.classes, 512, 64, args.repeats)
+        part_a(args.images, args.classes, 512, 64, args.repeats, [int(x) for x in args.chunk_powers.split(",") if x])
     if args.part in ("b", "both"):
         part_b(args)
 
