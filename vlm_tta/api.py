@@ -421,7 +421,9 @@ def _as_float_tensor(x: Any, what: str) -> torch.Tensor:
     if not (x.is_floating_point()):
         raise FeatureError(f"{what} must hold floating-point values; got dtype {x.dtype}")
     x = x.detach().float().cpu()
-    if not torch.isfinite(x).all():
+    # A finite sum means every value is finite (an inf or NaN would make it inf or NaN); only a sum
+    # that is not finite (or overflowed) needs the element-wise check.
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise FeatureError(f"{what} contains {bad} NaN or infinite value(s); check the encoder outputs")
     if x.numel() and (x.norm(dim=-1) == 0).any():
