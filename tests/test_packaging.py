@@ -63,3 +63,22 @@ def test_every_suite_file_is_installed_and_parses():
         assert sorted(p.stem for p in repo_eval.glob("*.yaml")) == names
     for name in names:
         assert load_suite(name).datasets
+
+
+def test_shipped_folders_are_found_from_a_source_checkout(monkeypatch):
+    """Python started in the repository root imports the checkout's vlm_tta/, which has no
+    vlm_tta.prompts or vlm_tta.eval subpackage: the folders beside vlm_tta/ must be read instead."""
+    from vlm_tta import _shipped
+    from vlm_tta.benchmark.suites import list_suites
+    from vlm_tta.templates import list_template_sets
+
+    if not REPO_PROMPTS.is_dir():
+        pytest.skip("not running from a source checkout")
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(_shipped.resources, "files", not_installed)
+    assert _shipped.shipped_folder("prompts") == REPO_PROMPTS
+    assert "natural_shift" in list_suites()
+    assert {"clip80", "single"} <= set(list_template_sets())

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Sequence, Union
 
+from ._shipped import shipped_folder
 from .errors import TemplateError
 from .validation import validate_templates
 
@@ -22,7 +22,7 @@ DEFAULT_TEMPLATES = "single"
 
 
 def _template_dir():
-    return resources.files("vlm_tta.prompts") / "templates"
+    return shipped_folder("prompts") / "templates"
 
 
 def list_template_sets() -> list[str]:

@@ -21,10 +21,10 @@ keys::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._shipped import shipped_folder
 from ..errors import VlmTtaError
 
 PROTOCOLS = ("classification", "ood", "ntta")
@@ -86,7 +86,7 @@ def list_suites() -> list[str]:
 
 
 def _suite_dir():
-    return resources.files("vlm_tta.eval")
+    return shipped_folder("eval")
 
 
 def load_suite(name_or_path: str | Path) -> Suite:

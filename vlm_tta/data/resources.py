@@ -7,15 +7,15 @@ template per line with ``{}`` for the class name (``prompts/templates/<set>.txt`
 from __future__ import annotations
 
 import functools
-from importlib import resources
 
+from .._shipped import shipped_folder
 from ..errors import DatasetError
 
 __all__ = ["read_lines", "classnames_file", "templates_file", "imagenet_wnids", "imagenet_classnames"]
 
 
 def _package_file(*parts: str):
-    return resources.files("vlm_tta.prompts").joinpath(*parts)
+    return shipped_folder("prompts").joinpath(*parts)
 
 
 @functools.lru_cache(maxsize=None)
