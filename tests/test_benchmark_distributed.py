@@ -60,9 +60,14 @@ def runner(suite: dict, model, data_root, out: Path, **kw) -> Runner:
     )  # fmt: skip
 
 
-def assert_same_rows(single: Path, other: Path, exact: bool = True) -> None:
-    """Every row and its arrays equal, but for timing, memory, the clock and split_over_ranks;
-    ``exact=False``: floats (metrics, logits, scores) to rounding, everything else exactly."""
+def assert_same_rows(single: Path, other: Path, exact: bool = False) -> None:
+    """Every row and its arrays equal, but for timing, memory, the clock and split_over_ranks.
+
+    Labels, predictions, counts and every non-float field must be identical. Floats (metrics, logits,
+    scores) are compared to float rounding by default: an image's embeddings are encoded once, in the
+    batch of whichever job reaches it first (which differs between ranks and one process), and on
+    some CPUs the encoder's kernels round differently with the batch (seen: logits 2e-6 apart).
+    ``exact=True`` asks for bit-identity."""
     a, b = ResultStore(single), ResultStore(other)
     rows_a, rows_b = ({r["job_id"]: r for r in s.rows()} for s in (a, b))
     assert rows_a.keys() == rows_b.keys() and rows_a
@@ -76,14 +81,15 @@ def assert_same_rows(single: Path, other: Path, exact: bool = True) -> None:
         else:
             assert row.keys() == other_row.keys(), what
             for key, value in row.items():
-                assert other_row[key] == (pytest.approx(value) if isinstance(value, float) else value), (*what, key)
+                expected = pytest.approx(value, rel=1e-6, abs=1e-9) if isinstance(value, float) else value
+                assert other_row[key] == expected, (*what, key)
         arrays_a, arrays_b = a.arrays(jid), b.arrays(jid)
         assert arrays_a.keys() == arrays_b.keys()
         for name in arrays_a:
             if exact or arrays_a[name].dtype.kind in "iub":
                 assert np.array_equal(arrays_a[name], arrays_b[name]), (*what, name)
             else:
-                np.testing.assert_allclose(arrays_a[name], arrays_b[name], rtol=1e-3, atol=1e-6, err_msg=str(what))
+                np.testing.assert_allclose(arrays_a[name], arrays_b[name], rtol=1e-4, atol=1e-5, err_msg=str(what))
 
 
 def run_ranks(make_runner, size: int, order=None) -> list[RankWork]:
@@ -197,7 +203,7 @@ def test_unreadable_images_are_skipped_by_the_rank_that_has_them(model, tmp_path
         run_ranks(lambda: runner(suite, model, root, tmp_path / "ranks"), 2)
     # the same predictions; after the bad image the batches are cut differently than in one process,
     # so logits and metrics agree to float rounding only
-    assert_same_rows(tmp_path / "single", tmp_path / "ranks", exact=False)
+    assert_same_rows(tmp_path / "single", tmp_path / "ranks")
     assert {(r["method"], r["n_images"], r["n_skipped"]) for r in ResultStore(tmp_path / "ranks").rows()} == {
         ("zeroshot", 8, 1),
         ("_running", 8, 1),

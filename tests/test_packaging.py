@@ -72,8 +72,10 @@ def test_shipped_folders_are_found_from_a_source_checkout(monkeypatch):
     from vlm_tta.benchmark.suites import list_suites
     from vlm_tta.templates import list_template_sets
 
-    if not REPO_PROMPTS.is_dir():
-        pytest.skip("not running from a source checkout")
+    import vlm_tta
+
+    if Path(vlm_tta.__file__).resolve().parents[1] != REPO_PROMPTS.parent:
+        pytest.skip("vlm_tta is imported from an installed wheel, not from this source checkout")
 
     def not_installed(name):
         raise ModuleNotFoundError(f"No module named {name!r}")
