@@ -952,3 +952,21 @@ def test_fast_key_paths_equal_the_canonical_encoding():
     suffixes = [("original", 1), ("augmix", 0, 7, 1), ("given", 3), (), (1.5, None, True, {"b": 1, "a": [2]})]
     assert make_keys(prefix, suffixes) == [cache_mod.make_key(*prefix, *s) for s in suffixes]
     assert make_keys((), [("text", 1)]) == [cache_mod.make_key("text", 1)]
+
+
+def test_rows_with_the_earlier_blake2b_checksum_still_read(tmp_path):
+    """Rows written by earlier versions carry a 16-byte BLAKE2b checksum: they are verified with it."""
+    from vlm_tta.cache import _blake2b_checksum
+
+    c = EmbeddingCache(tmp_path)
+    c.put("k", np.arange(6, dtype=np.float32))
+    with sqlite3.connect(tmp_path / DB_FILENAME) as db:
+        key, dtype, shape, data = db.execute("SELECT key, dtype, shape, data FROM embeddings").fetchone()
+        assert len(db.execute("SELECT checksum FROM embeddings").fetchone()[0]) == 4  # CRC-32 now
+        legacy = _blake2b_checksum(key, dtype, shape, data)
+        db.execute("UPDATE embeddings SET checksum = ?", (legacy,))
+    assert np.array_equal(EmbeddingCache(tmp_path).get("k"), np.arange(6, dtype=np.float32))
+    with sqlite3.connect(tmp_path / DB_FILENAME) as db:
+        db.execute("UPDATE embeddings SET checksum = ?", (bytes(16),))  # a damaged legacy checksum
+    with pytest.warns(RuntimeWarning, match="1 damaged entry"):
+        assert EmbeddingCache(tmp_path).get("k") is None

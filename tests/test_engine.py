@@ -205,3 +205,47 @@ def test_given_views_are_checked(tiny_openclip):
         vlm_tta.classify(torch.zeros(1, 1, 3, 8, 8), CLASSES, model=tiny_openclip, cache=False)
     with pytest.raises(ImageError, match="NaN"):
         vlm_tta.classify(torch.full((1, 1, 3, 32, 32), float("nan")), CLASSES, model=tiny_openclip, cache=False)
+
+
+# --------------------------------------------------------------------------- view blocks in the cache
+def test_view_blocks_cover_the_views_once():
+    from vlm_tta.views import VIEW_BLOCK, view_blocks
+
+    assert VIEW_BLOCK == 16
+    assert view_blocks(1) == [(0, 1)]
+    assert view_blocks(2) == [(0, 1), (1, 1)]
+    assert view_blocks(64) == [(0, 1), (1, 16), (17, 16), (33, 16), (49, 15)]
+    assert view_blocks(32) == [(0, 1), (1, 16), (17, 15)]
+    for n in range(1, 70):
+        covered = [i for s, c in view_blocks(n) for i in range(s, s + c)]
+        assert covered == list(range(n))
+
+
+def test_views_are_stored_as_blocks_and_read_back_unchanged(tiny_openclip, tmp_path):
+    """An image's views are cached as a few rows (the original, then blocks of 16); a warm read gives
+    the cold values, the values are each view's own embedding, and hits/misses count views."""
+    from vlm_tta.cache import EmbeddingCache
+    from vlm_tta.features import FeatureStore
+
+    imgs = _images(3, seed=4)
+    vs = ViewSet("crop_flip", 20, seed=2)
+    cache = EmbeddingCache(tmp_path / "c")
+    cold_store = FeatureStore(tiny_openclip, cache, encode_batch_size=7)
+    cold = cold_store.view_features(imgs + imgs[:1], vs)  # a repeated image is encoded once
+    assert cold_store.stats["view_misses"] == 3 * 20 and cold_store.stats["view_hits"] == 20
+    assert cache.info()["entries"] == 3 * 3  # per image: the original, views 1-16, views 17-19
+    pixels = torch.stack(
+        [vs.make(img, tiny_openclip.preprocess_cfg, original=tiny_openclip.preprocess) for img in imgs]
+    )
+    direct = torch.nn.functional.normalize(tiny_openclip.encode_images(pixels.flatten(0, 1)), dim=-1).view(3, 20, -1)
+    torch.testing.assert_close(cold[:3], direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cold[3], cold[0], rtol=0, atol=0)
+    calls = encoder_call_counter(tiny_openclip)
+    warm_store = FeatureStore(tiny_openclip, EmbeddingCache(tmp_path / "c"))
+    warm = warm_store.view_features(imgs + imgs[:1], vs)
+    assert calls()["images"] == 0 and warm_store.stats == {**warm_store.stats, "view_hits": 80, "view_misses": 0}
+    torch.testing.assert_close(warm, cold, rtol=0, atol=0)
+    # fewer views of the same recipe and seed share the original and the full first block
+    fewer = warm_store.view_features(imgs[:1], ViewSet("crop_flip", 17, seed=2))
+    assert calls()["images"] == 0
+    torch.testing.assert_close(fewer[0], cold[0, :17], rtol=0, atol=0)

@@ -68,11 +68,10 @@ def test_every_suite_file_is_installed_and_parses():
 def test_shipped_folders_are_found_from_a_source_checkout(monkeypatch):
     """Python started in the repository root imports the checkout's vlm_tta/, which has no
     vlm_tta.prompts or vlm_tta.eval subpackage: the folders beside vlm_tta/ must be read instead."""
+    import vlm_tta
     from vlm_tta import _shipped
     from vlm_tta.benchmark.suites import list_suites
     from vlm_tta.templates import list_template_sets
-
-    import vlm_tta
 
     if Path(vlm_tta.__file__).resolve().parents[1] != REPO_PROMPTS.parent:
         pytest.skip("vlm_tta is imported from an installed wheel, not from this source checkout")

@@ -16,7 +16,7 @@ Storage is one SQLite database (``embeddings.sqlite3``) in write-ahead-log mode:
 * every ``put``/``put_many`` is one transaction, so a process killed mid-write leaves all of it or
   none of it; a half-written WAL frame is discarded by SQLite's recovery on the next open;
 * each row holds the raw little-endian bytes of the array beside its dtype, its shape and a
-  BLAKE2b checksum over all of them (and the key). A row that cannot be decoded for any reason
+  CRC-32 checksum over all of them (and the key). A row that cannot be decoded for any reason
   (a failed check, a column of the wrong type) is never returned: it reads as a miss, is
   recomputed and is deleted. There is no pickle anywhere;
 * :meth:`EmbeddingCache.clear` deletes rows in a write transaction and compacts the file with
@@ -55,6 +55,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -247,6 +248,17 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _checksum(key: str, dtype: str, shape: str, data: bytes) -> bytes:
+    """CRC-32 over the key, the dtype, the shape and the data (4 bytes). It guards against damage,
+    not against an adversary; it is several times faster than a cryptographic hash, and on a warm
+    cache checksumming the rows read was the largest cost of a benchmark run."""
+    crc = 0
+    for part in (key.encode("utf-8"), dtype.encode(), shape.encode()):
+        crc = zlib.crc32(part, zlib.crc32(len(part).to_bytes(4, "little"), crc))
+    return zlib.crc32(data, crc).to_bytes(4, "little")
+
+
+def _blake2b_checksum(key: str, dtype: str, shape: str, data: bytes) -> bytes:
+    """The 16-byte BLAKE2b checksum of rows written by earlier vlm_tta versions (still verified when read)."""
     h = hashlib.blake2b(digest_size=16)
     for part in (key.encode("utf-8"), dtype.encode(), shape.encode()):
         h.update(len(part).to_bytes(4, "little"))
@@ -301,7 +313,8 @@ def _decode(
     if layout is None or len(data) != layout[2]:
         return None, "damaged"
     dt, dims, _ = layout
-    if checksum != _checksum(key, dtype, shape, data):
+    expected = _blake2b_checksum if len(checksum) == 16 else _checksum
+    if checksum != expected(key, dtype, shape, data):
         return None, "damaged"
     arr = np.frombuffer(data, dtype=dt).reshape(dims)
     if dt.kind != "f":

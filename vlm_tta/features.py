@@ -36,7 +36,7 @@ from .errors import ImageError
 from .images import content_hash, load_image
 from .models.base import VisionLanguageModel, validate_classnames
 from .templates import get_templates
-from .views import ViewSet
+from .views import ViewSet, view_blocks
 
 
 class LazyImage:
@@ -52,8 +52,9 @@ class LazyImage:
             self._image = self._load()
         return self._image
 
-    def key_parts(self, view_set: ViewSet, index: int) -> tuple:
-        return view_set.key_parts(index)
+    def key_parts(self, view_set: ViewSet, start: int, count: int) -> tuple:
+        """The cache identity of views ``start .. start + count - 1`` besides the model and the image."""
+        return view_set.block_key_parts(start, count)
 
     def make_views(
         self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
@@ -96,8 +97,8 @@ class GivenViews:
             "pass the images (paths, PIL images or arrays) instead"
         )
 
-    def key_parts(self, view_set: ViewSet, index: int) -> tuple:
-        return ("given", int(index))
+    def key_parts(self, view_set: ViewSet, start: int, count: int) -> tuple:
+        return ("given", int(start)) if count == 1 else ("given", int(start), int(count))
 
     def make_views(
         self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
@@ -255,45 +256,67 @@ class FeatureStore:
         n, v = len(sources), view_set.n_views
         if hashes is None:
             hashes = [src.content_hash for src in sources]
-        fp = self.model.fingerprint
-        keys = [
-            key
-            for src, h in zip(sources, hashes)
-            for key in make_keys(("view", fp, h), [src.key_parts(view_set, j) for j in range(v)])
-        ]
-        n_missing = [0]
+        dim = self.model.embed_dim
+        out = np.empty((n, v, dim), dtype=np.float32)
+        if n == 0:
+            return torch.from_numpy(out)
+        # One cache row per block of views (see view_blocks); rows of one shape are read together.
+        blocks = view_blocks(v)
+        groups: dict[tuple[int, int], tuple[list[str], list[int]]] = {}  # shape -> (keys, image of each key)
+        fingerprint = self.model.fingerprint
+        for i, (src, h) in enumerate(zip(sources, hashes)):
+            keys = make_keys(("view", fingerprint, h), [src.key_parts(view_set, *b) for b in blocks])
+            for (start, count), key in zip(blocks, keys):
+                group = groups.setdefault((start == 0, count), ([], []))
+                group[0].append(key)
+                group[1].append(i)
+        for (is_original, count), (keys, images_of) in groups.items():
+            starts = [0] if is_original else [s for s, c in blocks if c == count and s > 0]
 
-        def compute(missing: list[int]) -> np.ndarray:
-            n_missing[0] = len(missing)
-            # Group the missing (image, view) pairs by image so each image's views are made once.
-            by_image: dict[int, list[int]] = {}
-            for flat in missing:
-                by_image.setdefault(flat // v, []).append(flat % v)
-            out = np.empty((len(missing), self.model.embed_dim), dtype=np.float32)
-            row_of = {flat: r for r, flat in enumerate(missing)}
-            pending_rows: list[int] = []
-            pending_pixels: list[torch.Tensor] = []
+            def compute(missing: list[int], count=count, starts=starts, images_of=images_of, is_original=is_original):
+                # the missing (image, view) pairs grouped by image, so each image's views are made once
+                wanted: dict[int, list[int]] = {}
+                for m in missing:
+                    start = starts[m % len(starts)]
+                    wanted.setdefault(images_of[m], []).extend(range(start, start + count))
+                self.stats["view_misses"] += len(missing) * count
+                emb = self._encode_views(sources, view_set, wanted)
+                rows = [emb[(images_of[m], starts[m % len(starts)] + j)] for m in missing for j in range(count)]
+                block = np.stack(rows).reshape(len(missing), count, dim)
+                return block[:, 0] if is_original else block
 
-            def flush() -> None:
-                if pending_pixels:
-                    emb = self.model.encode_images(torch.cat(pending_pixels), normalize=False)
-                    out[pending_rows] = emb.numpy()
-                    pending_rows.clear()
-                    pending_pixels.clear()
-
-            for i, view_ids in by_image.items():
-                pending_pixels.append(sources[i].make_views(view_set, self.model, view_ids, self.num_workers))
-                pending_rows.extend(row_of[i * v + j] for j in view_ids)
-                if len(pending_rows) >= self.encode_batch_size:
-                    flush()
-            flush()
-            return out
-
-        arr = self.cache.get_or_compute(keys, compute) if keys else np.empty((0, self.model.embed_dim), np.float32)
-        self.stats["view_misses"] += n_missing[0]
-        self.stats["view_hits"] += len(keys) - n_missing[0]
-        feats = torch.from_numpy(np.ascontiguousarray(arr)).view(n, v, -1)
+            misses = self.stats["view_misses"]
+            arr = self.cache.get_or_compute(keys, compute)
+            self.stats["view_hits"] += len(keys) * count - (self.stats["view_misses"] - misses)
+            arr = arr.reshape(n, len(starts), count, dim)
+            for b, start in enumerate(starts):
+                out[:, start : start + count] = arr[:, b]
+        feats = torch.from_numpy(out)
         return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+    def _encode_views(
+        self, sources: Sequence[ImageSource], view_set: ViewSet, wanted: dict[int, list[int]]
+    ) -> dict[tuple[int, int], np.ndarray]:
+        """Raw embeddings ``{(image, view): D}`` of the ``wanted`` views of each image, made image by
+        image and encoded in batches of ``encode_batch_size``."""
+        out: dict[tuple[int, int], np.ndarray] = {}
+        pending_ids: list[tuple[int, int]] = []
+        pending_pixels: list[torch.Tensor] = []
+
+        def flush() -> None:
+            if pending_pixels:
+                emb = self.model.encode_images(torch.cat(pending_pixels), normalize=False).numpy()
+                out.update(zip(pending_ids, emb))
+                pending_ids.clear()
+                pending_pixels.clear()
+
+        for i, view_ids in wanted.items():
+            pending_pixels.append(sources[i].make_views(view_set, self.model, view_ids, self.num_workers))
+            pending_ids.extend((i, j) for j in view_ids)
+            if len(pending_ids) >= self.encode_batch_size:
+                flush()
+        flush()
+        return out
 
 
 def encoder_call_counter(model: VisionLanguageModel) -> Callable[[], dict[str, int]]:
