@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import FeatureError
-from .features import FeatureStore, Sample
+from .features import FeatureStore, Sample, prefetched
 from .methods import Method, MethodContext, Prediction
 
 ON_ERROR = ("raise", "skip")
@@ -123,12 +123,19 @@ def run_stream(
     for f in feeders:
         f.method.setup(f.ctx)
     shared = 0.0
+
+    def open_chunk(start: int) -> tuple[list, list | None]:
+        errors: list | None = [] if on_error == "skip" else None
+        return store.open_images(sources[start : start + batch_size], names[start : start + batch_size], errors), errors
+
+    starts = [(start,) for start in range(0, len(sources), batch_size)]
+    # With prefetch on, the next chunk is opened (read, hashed, decoded) while this one is encoded.
+    chunks = prefetched(open_chunk, starts, 1 if store.prefetch else 0, stage="chunks")
     try:
-        for start in range(0, len(sources), batch_size):
+        for (start,) in starts:
             t0 = time.perf_counter()
             part = sources[start : start + batch_size]
-            errors: list | None = [] if on_error == "skip" else None
-            opened = store.open_images(part, names[start : start + batch_size], errors=errors)
+            opened, errors = next(chunks)
             skipped.extend((start + pos, name, reason) for pos, name, reason in errors or ())
             items = [(start + i, img) for i, img in enumerate(opened) if img is not None]
             if items:
@@ -148,6 +155,7 @@ def run_stream(
         for f in feeders:
             f.add([], store, final=True)
     finally:
+        chunks.close()
         for f in feeders:
             f.method.finish()
         if bar is not None:
