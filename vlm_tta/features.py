@@ -62,7 +62,8 @@ class LazyImage:
     def make_views(
         self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
     ) -> torch.Tensor:
-        """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``)."""
+        """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``; on the
+        model's device for the tensor-path recipes, which make them there)."""
         return view_set.make(
             self.get(),
             model.preprocess_cfg,
@@ -70,6 +71,7 @@ class LazyImage:
             original=model.preprocess,
             image_hash=self.content_hash,
             num_workers=num_workers,
+            device=model.device,
         )
 
 
@@ -336,7 +338,9 @@ class FeatureStore:
 
             def flush() -> None:
                 if pending_pixels:
-                    emb = self.model.encode_images(torch.cat(pending_pixels), normalize=False)
+                    emb = self.model.encode_images(
+                        torch.cat([p.to(self.model.device) for p in pending_pixels]), normalize=False
+                    )
                     out[pending_rows] = emb.numpy()
                     pending_rows.clear()
                     pending_pixels.clear()
