@@ -90,6 +90,7 @@ def test_deterministic_given_the_seed_and_independent_of_how_views_are_asked_for
     assert torch.equal(full, ViewSet(recipe, 12, seed=7).make(img.copy(), CFG))
     assert torch.equal(ViewSet(recipe, 12, seed=7).make(img, CFG, indices=[9, 3, 11, 3]), full[[9, 3, 11, 3]])
     assert torch.equal(ViewSet(recipe, 5, seed=7).make(img, CFG), full[:5])
+    assert torch.equal(ViewSet(recipe, 12, seed=7).make(img, CFG, num_workers=3), full)  # sliced over threads
     assert torch.equal(ViewSet(recipe, 12, seed=7).make_batch([photo(seed=3), img], CFG)[1], full)
     other = ViewSet(recipe, 12, seed=8).make(img, CFG)
     assert not torch.equal(other[1:], full[1:])

@@ -22,6 +22,8 @@ Recipes (see each function's docstring for the sources):
                     chains of 1-3 ops, Dirichlet(1,1,1) chain weights, Beta(1,1) blend)
 ``crop_flip_dmn``   DMN's ImageNet views: RandomResizedCrop with scale (0.5, 1) + flip
 ``augmix_dmn``      DMN's fine-grained views: the (0.5, 1) crop + flip, then TPT's AugMix
+``*_t``             the same four on batched tensors, on the model's device (the fast path, not
+                    bit-identical to Pillow; own cache keys): :mod:`vlm_tta.tensor_views`
 ==================  ===========================================================================
 
 Common random numbers: the crop/flip randomness of view ``i`` does not depend on the recipe's
@@ -822,7 +824,7 @@ def make_views(
             raise ValueError(f"got {len(hashes)} image hashes for {len(rgb)} images")
     h, w = _hw(cfg)
     if view_set.recipe in _BATCH_RECIPES:
-        return _make_batched(view_set, rgb, hashes, cfg, idx, original, torch.device(device or "cpu"))
+        return _make_batched(view_set, rgb, hashes, cfg, idx, original, torch.device(device or "cpu"), num_workers)
     # Filled with numpy copies (no torch kernels, so no OpenMP threads, in the per-view path).
     out = np.empty((len(rgb), len(idx), 3, h, w), dtype=np.float32)
     if not rgb or not idx:
@@ -857,17 +859,31 @@ def _make_batched(
     idx: list[int],
     original: OriginalFn | None,
     device: torch.device,
+    num_workers: int = 0,
 ) -> torch.Tensor:
+    """Views of a tensor-path recipe: each image's random views in one call of the recipe on
+    ``device``; on the CPU with ``num_workers > 1`` in that many slices on the worker threads (torch
+    releases the GIL; each view depends only on its own generators, so the slicing changes nothing)."""
     h, w = _hw(cfg)
     fn = _BATCH_RECIPES[view_set.recipe]
     out = torch.empty((len(rgb), len(idx), 3, h, w), dtype=torch.float32, device=device)
     rand = [p for p, i in enumerate(idx) if i != 0]
+    n_slices = max(1, min(int(num_workers or 0), len(rand))) if device.type == "cpu" else 1
     for b, image in enumerate(rgb):
         if len(rand) < len(idx):
             out[b, [p for p, i in enumerate(idx) if i == 0]] = _original(image, cfg, original).to(device)
-        if rand:
-            rngs = [ViewRNG.for_view(view_set.seed, hashes[b], idx[p]) for p in rand]
-            out[b, rand] = fn(image, cfg, rngs, device)
+        if not rand:
+            continue
+        rngs = {p: ViewRNG.for_view(view_set.seed, hashes[b], idx[p]) for p in rand}
+
+        def work(positions: list[int], image=image, b=b, rngs=rngs) -> None:
+            out[b, positions] = fn(image, cfg, [rngs[p] for p in positions], device)
+
+        if n_slices == 1:
+            work(rand)
+        else:
+            for fut in [_pool(n_slices).submit(work, rand[k::n_slices]) for k in range(n_slices)]:
+                fut.result()
     return out
 
 
