@@ -210,3 +210,70 @@ def test_unreadable_image_in_a_prefetched_chunk_raises_as_before(tiny_openclip, 
         seen[prefetch] = (m.chunks, m.finished)
     # the chunks before the bad file were fed in both cases, and finish() ran once
     assert seen[0] == seen[2] == ([2, 2], 1)
+
+
+# --------------------------------------------------------------------------------- model-level methods
+class _PixelPeek(Method):
+    """Model-level method reading its samples' views and their embeddings."""
+
+    needs_pixels = True
+
+    def predict_sample(self, sample):
+        pixels = sample.views(ViewSet("augmix", 5, seed=2))
+        feats = sample.view_features(ViewSet("crop_flip", 4, seed=1))
+        self.sums = getattr(self, "sums", []) + [float(pixels.double().sum())]
+        return Prediction(self.ctx.logits(feats.mean(0)))
+
+
+def test_model_level_methods_get_their_views_made_ahead(tiny_openclip, tmp_path, monkeypatch):
+    from vlm_tta.features import LazyImage
+
+    paths = _files(tmp_path, 5)
+    threads = []
+    real = LazyImage._make
+
+    def spy(self, view_set, *args, **kwargs):
+        threads.append((view_set.recipe, threading.current_thread().name))
+        return real(self, view_set, *args, **kwargs)
+
+    monkeypatch.setattr(LazyImage, "_make", spy)
+    out = {}
+    for prefetch in (0, 2):
+        threads.clear()
+        m = _PixelPeek()
+        res = vlm_tta.classify(
+            paths, CLASSES, method=m, model=tiny_openclip, cache_dir=tmp_path / f"c{prefetch}", prefetch=prefetch
+        )
+        out[prefetch] = (res.logits, m.sums, list(threads))
+    np.testing.assert_array_equal(out[0][0], out[2][0])
+    assert out[0][1] == out[2][1]
+    ahead = [r for r, t in out[2][2] if t.startswith("vlm_tta-prefetch-samples")]
+    assert ahead.count("augmix") == 4 and ahead.count("crop_flip") == 4  # every sample after the first
+    assert not any(t.startswith("vlm_tta-prefetch-samples") for _, t in out[0][2])
+    # a warm cache: the embeddings are read back and no crop_flip view is made, ahead or not
+    threads.clear()
+    warm = vlm_tta.classify(paths, CLASSES, method=_PixelPeek(), model=tiny_openclip, cache_dir=tmp_path / "c2")
+    np.testing.assert_array_equal(warm.logits, out[0][0])
+    assert not any(r == "crop_flip" for r, _ in threads)
+
+
+def test_an_error_in_a_view_made_ahead_is_raised_at_its_sample(tiny_openclip):
+    from vlm_tta.features import LazyImage, Sample
+
+    imgs = _images(4)
+
+    def load(i):
+        if i == 2:
+            raise ImageError("image #2: cannot decode")
+        return imgs[i]
+
+    store = FeatureStore(tiny_openclip, prefetch=3)
+    samples = [Sample(i, LazyImage(lambda i=i: load(i), f"h{i}"), store) for i in range(4)]
+    Sample.link(samples)
+    vs = ViewSet("crop_flip", 3)
+    got = [samples[0].views(vs), samples[1].views(vs)]  # sample 0 starts samples 1-3 in the background
+    with pytest.raises(ImageError, match="#2"):
+        samples[2].views(vs)
+    got.append(samples[3].views(vs))
+    ref = [vs.make(imgs[i], tiny_openclip.preprocess_cfg, image_hash=f"h{i}") for i in (0, 1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))

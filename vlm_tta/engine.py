@@ -75,7 +75,9 @@ class _Feeder:
             part, self.pending = self.pending[: self.chunk], self.pending[self.chunk :]
             t0 = time.perf_counter()
             if self.method.needs_pixels:
-                preds = self.method.predict_samples([Sample(pos, img, store) for pos, img in part])
+                samples = [Sample(pos, img, store) for pos, img in part]
+                Sample.link(samples)  # with store.prefetch, each sample starts the next ones' views
+                preds = self.method.predict_samples(samples)
             else:
                 feats = torch.stack([f for _, f in part])
                 preds = self.method.predict_batch(feats)

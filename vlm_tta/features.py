@@ -50,6 +50,8 @@ class LazyImage:
         self._load = load
         self._image: Image.Image | None = None
         self.content_hash = content_hash
+        #: views being made ahead of use (see :meth:`make_views_ahead`): view set -> Future of (ids, pixels)
+        self._ahead: dict[ViewSet, Future] = {}
 
     def get(self) -> Image.Image:
         if self._image is None:
@@ -63,7 +65,39 @@ class LazyImage:
         self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
     ) -> torch.Tensor:
         """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``; on the
-        model's device for the tensor-path recipes, which make them there)."""
+        model's device for the tensor-path recipes, which make them there). Views made ahead by
+        :meth:`make_views_ahead` are used when they cover ``indices`` (the same pixels either way)."""
+        ahead = self._ahead.pop(view_set, None) if self._ahead else None
+        if ahead is not None:
+            made, pixels = ahead.result()  # an error (an unreadable file) is raised here, as it would be below
+            want = list(range(view_set.n_views)) if indices is None else [int(i) for i in indices]
+            where = {j: p for p, j in enumerate(made)}
+            if pixels is not None and all(j in where for j in want):
+                return pixels if want == made else pixels[[where[j] for j in want]]
+        return self._make(view_set, model, indices, num_workers)
+
+    def make_views_ahead(
+        self,
+        view_set: ViewSet,
+        which: Callable[[], list[int]],
+        model: VisionLanguageModel,
+        num_workers: int,
+        depth: int,
+    ) -> None:
+        """Start making views ``which()`` of ``view_set`` in a background thread, for a later
+        :meth:`make_views` (at most one pending set per view set)."""
+        if view_set in self._ahead:
+            return
+
+        def work() -> tuple[list[int], torch.Tensor | None]:
+            ids = which()
+            return ids, self._make(view_set, model, ids, num_workers) if ids else None
+
+        self._ahead[view_set] = prefetch_pool(depth, "samples").submit(work)
+
+    def _make(
+        self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int
+    ) -> torch.Tensor:
         return view_set.make(
             self.get(),
             model.preprocess_cfg,
@@ -298,6 +332,13 @@ class FeatureStore:
             self.cache.put_many(new_files)
         return out
 
+    def missing_views(self, source: ImageSource, view_set: ViewSet) -> list[int]:
+        """Indices of the views of ``source`` whose embeddings the cache does not hold."""
+        parts = [source.key_parts(view_set, j) for j in range(view_set.n_views)]
+        keys = make_keys(("view", self.model.fingerprint, source.content_hash), parts)
+        found = self.cache.get_many(keys)
+        return [j for j, key in enumerate(keys) if key not in found]
+
     def view_features(
         self,
         images: Sequence[Image.Image | ImageSource],
@@ -393,6 +434,33 @@ class Sample:
         self._image = _as_source(image)
         self.store = store
         self.image_hash = self._image.content_hash
+        self._chunk: Sequence[Sample] = ()
+        self._position = 0
+
+    @staticmethod
+    def link(samples: Sequence["Sample"]) -> None:
+        """Let each of a chunk's samples, when its views (or their embeddings) are first asked for,
+        start making the same views of the next ``store.prefetch`` samples in background threads
+        (the engine links the chunks it hands to model-level methods). Exact: views are pure
+        functions of their key; only views missing from the cache are made for embeddings."""
+        for k, sample in enumerate(samples):
+            sample._chunk, sample._position = samples, k
+
+    def _look_ahead(self, view_set: ViewSet, indices: Sequence[int] | None, features: bool) -> None:
+        depth = self.store.prefetch
+        if not depth or not self._chunk:
+            return
+        store = self.store
+        for other in self._chunk[self._position + 1 : self._position + 1 + depth]:
+            src = other._image
+            if not isinstance(src, LazyImage):
+                continue
+            if features:
+                which = lambda src=src: store.missing_views(src, view_set)  # noqa: E731
+            else:
+                ids = list(range(view_set.n_views)) if indices is None else [int(i) for i in indices]
+                which = lambda ids=ids: ids  # noqa: E731
+            src.make_views_ahead(view_set, which, store.model, store.num_workers, depth)
 
     @property
     def image(self) -> Image.Image:
@@ -406,10 +474,12 @@ class Sample:
 
     def views(self, view_set: ViewSet, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Model-ready pixels of the views (len(indices) x 3 x H x W; all views by default)."""
+        self._look_ahead(view_set, indices, features=False)
         return self._image.make_views(view_set, self.store.model, indices, self.store.num_workers)
 
     def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
         """V x D embeddings of the views (read from the cache when present)."""
+        self._look_ahead(view_set, None, features=True)
         return self.store.view_features([self._image], view_set, normalize=normalize, hashes=[self.image_hash])[0]
 
 
