@@ -214,6 +214,10 @@ def test_each_op_matches_pillow():
         else:
             ref = V._shift(img, p, 0 if name == "translate_x" else 1)
         close(ref, got, 0 if name.startswith("translate") or name.startswith("shear") else 1)
+    for axis, offsets in ((0, [3, -5, 0, 99]), (1, [-2, 4, 45, -45])):  # integer shifts: exact copies
+        got = T._shift(x.expand(4, -1, -1, -1), offsets, axis)
+        for k, off in enumerate(offsets):
+            close(V._shift(img, off, axis), got[k : k + 1], 0)
     # flat images and images with one grey level are left alone by autocontrast and equalize
     flat = torch.full((2, 3, 5, 5), 77, dtype=torch.uint8)
     assert torch.equal(T._autocontrast(flat), flat) and torch.equal(T._equalize(flat), flat)

@@ -59,7 +59,6 @@ __all__ = [
 TENSOR_VIEWS_VERSION = 1
 
 _OP_NAMES = tuple(V.AUGMIX_OPS)
-_GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -210,20 +209,33 @@ def _affine(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """Bilinear affine warps with black outside (Pillow's ``Image.transform(AFFINE, BILINEAR)``),
     ``matrices``: ``N x 2 x 3`` inverse maps in pixel-edge coordinates."""
     n, _, h, w = x.shape
-    to_pix = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
-    to_norm = torch.linalg.inv(to_pix)
-    full = torch.cat([matrices.double(), torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64).expand(n, 1, 3)], 1)
-    theta = (to_norm @ full @ to_pix)[:, :2].to(torch.float32).to(x.device)
-    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
+    m = matrices.to(device=x.device, dtype=torch.float32).view(n, 2, 3, 1, 1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float32).add_(0.5).view(1, 1, w)
+    ys = torch.arange(h, device=x.device, dtype=torch.float32).add_(0.5).view(1, h, 1)
+    u = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]  # N x H x W source points, pixel-edge coordinates
+    v = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+    grid = torch.stack([u * (2.0 / w) - 1.0, v * (2.0 / h) - 1.0], dim=-1)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     # Pillow fills an output pixel whose sample point lies outside the image, clamps the bilinear
     # neighbours at the edges ("border" padding) and truncates to uint8. The tolerances keep
     # float32 rounding from moving points on an edge or values on an integer.
-    u = (grid[..., 0] + 1) * (w / 2)
-    v = (grid[..., 1] + 1) * (h / 2)
     outside = (u < -1e-3) | (u >= w - 1e-3) | (v < -1e-3) | (v >= h - 1e-3)
     out = out.add_(1e-3).floor_().clamp_(0, 255).to(torch.uint8)
     return out.masked_fill_(outside[:, None], 0)
+
+
+def _shift(x: torch.Tensor, offsets: Sequence[int], axis: int) -> torch.Tensor:
+    """Integer translations, exact (``translate_x``/``_y``: output pixel ``p`` takes input ``p + offset``,
+    black from outside), as array copies rather than resampling."""
+    out = torch.zeros_like(x)
+    size = x.shape[3 - axis]
+    for k, off in enumerate(offsets):
+        off = int(off)
+        if abs(off) >= size:
+            continue
+        src = x[k].narrow(2 - axis, max(off, 0), size - abs(off))
+        out[k].narrow(2 - axis, max(-off, 0), size - abs(off)).copy_(src)
+    return out
 
 
 def augmix_tensors(crops: torch.Tensor, plans: Sequence[AugMixPlan], cfg: PreprocessConfig) -> torch.Tensor:
@@ -239,7 +251,8 @@ def augmix_tensors(crops: torch.Tensor, plans: Sequence[AugMixPlan], cfg: Prepro
         for row, chain in enumerate(ops):
             if depth < len(chain):
                 name, param = chain[depth]
-                todo.setdefault("geometric" if name in _GEOMETRIC else name, []).append((row, (name, param)))
+                kind = "geometric" if name in ("rotate", "shear_x", "shear_y") else name
+                todo.setdefault(kind, []).append((row, (name, param)))
         for kind, items in todo.items():
             rows = torch.tensor([r for r, _ in items], device=chains.device)
             x = chains[rows]
@@ -251,6 +264,8 @@ def augmix_tensors(crops: torch.Tensor, plans: Sequence[AugMixPlan], cfg: Prepro
                 x = _posterize(x, torch.tensor([p for _, (_, p) in items], device=x.device))
             elif kind == "solarize":
                 x = _solarize(x, torch.tensor([p for _, (_, p) in items], device=x.device))
+            elif kind in ("translate_x", "translate_y"):
+                x = _shift(x, [p for _, (_, p) in items], 0 if kind == "translate_x" else 1)
             else:
                 mats = torch.tensor([_affine_matrix(name, p, w, h) for _, (name, p) in items], dtype=torch.float64)
                 x = _affine(x, mats)
