@@ -11,6 +11,10 @@ loop reaches every caller:
   :class:`~vlm_tta.features.Sample` objects to model-level ones;
 * :func:`run_on_features` — the same chunking over embeddings the caller already has.
 
+With the store's ``prefetch`` on, the next chunk of files is opened in a background thread while
+the current one is encoded, and views are made ahead of their use (see
+:class:`~vlm_tta.features.FeatureStore`); the results are the same.
+
 Unreadable images are skipped or raise (``on_error``); a chunk is filled with the next readable
 images, so a method that learns from its batches sees the same batches as on the stream without the
 bad file. The method's :meth:`~vlm_tta.methods.Method.finish` runs when the stream ends, also after
