@@ -277,3 +277,19 @@ def test_an_error_in_a_view_made_ahead_is_raised_at_its_sample(tiny_openclip):
     got.append(samples[3].views(vs))
     ref = [vs.make(imgs[i], tiny_openclip.preprocess_cfg, image_hash=f"h{i}") for i in (0, 1, 3)]
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_cli_prefetch_flag(capsys, cfg_file, tmp_path):
+    import json
+
+    from vlm_tta.cli import main
+
+    paths = _files(tmp_path, 2)
+    base = ["classify", *paths, "--classes", "cat,dog", "--model", cfg_file, "--pretrained", "none", "--no-cache"]
+    outs = []
+    for value in ("0", "3"):
+        assert main([*base, "--json", "--prefetch", value]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["predictions"])
+    assert outs[0] == outs[1]
+    assert main([*base, "--prefetch", "-1"]) != 0
+    assert "--prefetch" in capsys.readouterr().err
