@@ -193,7 +193,7 @@ def _file_key(src: Any, exif_transpose: bool = True) -> str | None:
     return make_key("file", digest, "exif-applied") if exif_transpose else make_key("file", digest)
 
 
-_PREFETCH_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_PREFETCH_POOLS: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
 _PREFETCH_LOCK = threading.Lock()
 
 
@@ -201,11 +201,12 @@ def prefetch_pool(depth: int, stage: str = "views") -> ThreadPoolExecutor:
     """The shared pool of ``depth`` threads that run ``stage`` ahead of the encoder ("views": decode
     and make views; "chunks": open the next chunk of images). Each stage has its own pools, apart
     from the view workers' pool that their tasks use, so no task waits on its own pool."""
+    key = (os.getpid(), stage, depth)  # a forked child has none of its parent's threads: new pools
     with _PREFETCH_LOCK:
-        pool = _PREFETCH_POOLS.get((stage, depth))
+        pool = _PREFETCH_POOLS.get(key)
         if pool is None:
             pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=f"vlm_tta-prefetch-{stage}")
-            _PREFETCH_POOLS[(stage, depth)] = pool
+            _PREFETCH_POOLS[key] = pool
         return pool
 
 

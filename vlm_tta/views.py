@@ -631,16 +631,17 @@ def _recipe_augmix_dmn(image: Image.Image, cfg: PreprocessConfig, rng: ViewRNG) 
 
 
 # ------------------------------------------------------------------------------------- workers
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(num_workers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), num_workers)  # a forked child has none of its parent's threads: new pools
     with _POOLS_LOCK:
-        pool = _POOLS.get(num_workers)
+        pool = _POOLS.get(key)
         if pool is None:
             pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vlm_tta-views")
-            _POOLS[num_workers] = pool
+            _POOLS[key] = pool
         return pool
 
 
