@@ -138,7 +138,7 @@ def main() -> None:
 
     enc = bench_encoder(model, args.images, args.views, args.batch_size)
     result["encoder_images_per_s"] = enc
-    print(f"\nencoder alone: {enc:.2f} images/s ({enc * args.views:.0f} views/s)")
+    print(f"\nencoder alone: {enc:.3g} images/s ({enc * args.views:.3g} views/s)")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +157,7 @@ def main() -> None:
             for prefetch in prefetches:
                 ips = statistics.median(runs[prefetch])
                 rows.append({"recipe": recipe, "prefetch": prefetch, "images_per_s": ips, "ratio": ips / enc})
-                print(f"  {recipe:<16} prefetch={prefetch}  {ips:7.2f} images/s  {ips / enc:5.2f}x encoder")
+                print(f"  {recipe:<16} prefetch={prefetch}  {ips:8.3g} images/s  {ips / enc:5.2f}x encoder")
     result["pipeline"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
