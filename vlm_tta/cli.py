@@ -154,6 +154,7 @@ def _cmd_classify(args) -> int:
         allow_duplicate_classnames=args.allow_duplicate_classes,
         on_error=args.on_error,
         exif_transpose=not args.ignore_exif,
+        prefetch=args.prefetch,
         **options,
     )
     if not args.quiet:
@@ -235,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per chunk (default 64)")
     g.add_argument("--num-workers", type=int_at_least(0), default=None, help="threads making views")
+    g.add_argument(
+        "--prefetch",
+        type=int_at_least(0),
+        default=None,
+        help="images whose views are made ahead of the encoder (default 2; 0: off; results are identical)",
+    )
     g.add_argument("--cache-dir", default=None, help="embedding cache directory")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar")

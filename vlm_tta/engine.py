@@ -11,6 +11,10 @@ loop reaches every caller:
   :class:`~vlm_tta.features.Sample` objects to model-level ones;
 * :func:`run_on_features` — the same chunking over embeddings the caller already has.
 
+With the store's ``prefetch`` on, the next chunk of files is opened in a background thread while
+the current one is encoded, and views are made ahead of their use (see
+:class:`~vlm_tta.features.FeatureStore`); the results are the same.
+
 Unreadable images are skipped or raise (``on_error``); a chunk is filled with the next readable
 images, so a method that learns from its batches sees the same batches as on the stream without the
 bad file. The method's :meth:`~vlm_tta.methods.Method.finish` runs when the stream ends, also after
@@ -27,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import FeatureError
-from .features import FeatureStore, Sample
+from .features import FeatureStore, Sample, prefetched
 from .methods import Method, MethodContext, Prediction
 
 ON_ERROR = ("raise", "skip")
@@ -75,7 +79,9 @@ class _Feeder:
             part, self.pending = self.pending[: self.chunk], self.pending[self.chunk :]
             t0 = time.perf_counter()
             if self.method.needs_pixels:
-                preds = self.method.predict_samples([Sample(pos, img, store) for pos, img in part])
+                samples = [Sample(pos, img, store) for pos, img in part]
+                Sample.link(samples)  # with store.prefetch, each sample starts the next ones' views
+                preds = self.method.predict_samples(samples)
             else:
                 feats = torch.stack([f for _, f in part])
                 preds = self.method.predict_batch(feats)
@@ -123,12 +129,19 @@ def run_stream(
     for f in feeders:
         f.method.setup(f.ctx)
     shared = 0.0
+
+    def open_chunk(start: int) -> tuple[list, list | None]:
+        errors: list | None = [] if on_error == "skip" else None
+        return store.open_images(sources[start : start + batch_size], names[start : start + batch_size], errors), errors
+
+    starts = [(start,) for start in range(0, len(sources), batch_size)]
+    # With prefetch on, the next chunk is opened (read, hashed, decoded) while this one is encoded.
+    chunks = prefetched(open_chunk, starts, 1 if store.prefetch else 0, stage="chunks")
     try:
-        for start in range(0, len(sources), batch_size):
+        for (start,) in starts:
             t0 = time.perf_counter()
             part = sources[start : start + batch_size]
-            errors: list | None = [] if on_error == "skip" else None
-            opened = store.open_images(part, names[start : start + batch_size], errors=errors)
+            opened, errors = next(chunks)
             skipped.extend((start + pos, name, reason) for pos, name, reason in errors or ())
             items = [(start + i, img) for i, img in enumerate(opened) if img is not None]
             if items:
@@ -148,6 +161,7 @@ def run_stream(
         for f in feeders:
             f.add([], store, final=True)
     finally:
+        chunks.close()
         for f in feeders:
             f.method.finish()
         if bar is not None:

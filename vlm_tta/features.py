@@ -3,9 +3,10 @@
 This is the only place that runs the encoders for the methods. Keys (see :mod:`vlm_tta.cache`):
 
 * class embeddings: ``("text", model fingerprint, templates, classnames)`` -> C x D;
-* view embeddings: ``("view", model fingerprint, image content hash, *ViewSet.key_parts(i))`` -> D.
-  View 0 (the original) has the same key under every recipe, so zero-shot, TPT and every other
-  method share it.
+* view embeddings, one row per block of views (:func:`~vlm_tta.views.view_blocks`):
+  ``("view", model fingerprint, image content hash, *ViewSet.block_key_parts(start, count))`` ->
+  count x D (the original alone: -> D). View 0 (the original) has the same key under every recipe,
+  so zero-shot, TPT and every other method share it.
 
 The cache stores raw (un-normalised) image embeddings, as SubTTA needs them; callers get them
 L2-normalised unless they ask otherwise.
@@ -23,9 +24,13 @@ used as given by every method, whatever recipe it would otherwise ask for.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import os
-from typing import Any, Callable, Sequence, Union
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,6 +51,8 @@ class LazyImage:
         self._load = load
         self._image: Image.Image | None = None
         self.content_hash = content_hash
+        #: views being made ahead of use (see :meth:`make_views_ahead`): view set -> Future of (ids, pixels)
+        self._ahead: dict[ViewSet, Future] = {}
 
     def get(self) -> Image.Image:
         if self._image is None:
@@ -59,7 +66,40 @@ class LazyImage:
     def make_views(
         self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int = 0
     ) -> torch.Tensor:
-        """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``)."""
+        """Model-ready pixels of views ``indices`` of this image (``len(indices) x 3 x H x W``; on the
+        model's device for the tensor-path recipes, which make them there). Views made ahead by
+        :meth:`make_views_ahead` are used when they cover ``indices`` (the same pixels either way)."""
+        ahead = self._ahead.pop(view_set, None) if self._ahead else None
+        if ahead is not None:
+            made, pixels = ahead.result()  # an error (an unreadable file) is raised here, as it would be below
+            want = list(range(view_set.n_views)) if indices is None else [int(i) for i in indices]
+            where = {j: p for p, j in enumerate(made)}
+            if pixels is not None and all(j in where for j in want):
+                return pixels if want == made else pixels[[where[j] for j in want]]
+        return self._make(view_set, model, indices, num_workers)
+
+    def make_views_ahead(
+        self,
+        view_set: ViewSet,
+        which: Callable[[], list[int]],
+        model: VisionLanguageModel,
+        num_workers: int,
+        depth: int,
+    ) -> None:
+        """Start making views ``which()`` of ``view_set`` in a background thread, for a later
+        :meth:`make_views` (at most one pending set per view set)."""
+        if view_set in self._ahead:
+            return
+
+        def work() -> tuple[list[int], torch.Tensor | None]:
+            ids = which()
+            return ids, self._make(view_set, model, ids, num_workers) if ids else None
+
+        self._ahead[view_set] = prefetch_pool(depth, "samples").submit(work)
+
+    def _make(
+        self, view_set: ViewSet, model: VisionLanguageModel, indices: Sequence[int] | None, num_workers: int
+    ) -> torch.Tensor:
         return view_set.make(
             self.get(),
             model.preprocess_cfg,
@@ -67,6 +107,7 @@ class LazyImage:
             original=model.preprocess,
             image_hash=self.content_hash,
             num_workers=num_workers,
+            device=model.device,
         )
 
 
@@ -154,6 +195,52 @@ def _file_key(src: Any, exif_transpose: bool = True) -> str | None:
     return make_key("file", digest, "exif-applied") if exif_transpose else make_key("file", digest)
 
 
+_PREFETCH_POOLS: dict[tuple[int, str, int], ThreadPoolExecutor] = {}
+_PREFETCH_LOCK = threading.Lock()
+
+
+def prefetch_pool(depth: int, stage: str = "views") -> ThreadPoolExecutor:
+    """The shared pool of ``depth`` threads that run ``stage`` ahead of the encoder ("views": decode
+    and make views; "chunks": open the next chunk of images). Each stage has its own pools, apart
+    from the view workers' pool that their tasks use, so no task waits on its own pool."""
+    key = (os.getpid(), stage, depth)  # a forked child has none of its parent's threads: new pools
+    with _PREFETCH_LOCK:
+        pool = _PREFETCH_POOLS.get(key)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=f"vlm_tta-prefetch-{stage}")
+            _PREFETCH_POOLS[key] = pool
+        return pool
+
+
+def prefetched(fn: Callable[..., Any], items: Sequence[tuple], depth: int, stage: str = "views") -> Iterator[Any]:
+    """``fn(*item)`` for each item, in order, with up to ``depth`` items computed ahead in
+    :func:`prefetch_pool` threads while the caller works on the current one (``depth=0``: in this
+    thread, one at a time). An exception is raised when the caller reaches its item, as it would be
+    without prefetching; work not yet started is cancelled when the caller closes the generator."""
+    if depth <= 0:
+        for item in items:
+            yield fn(*item)
+        return
+    pool = prefetch_pool(depth, stage)
+    queue: collections.deque[Future] = collections.deque()
+    nxt = 0
+    try:
+        while nxt < len(items) or queue:
+            while nxt < len(items) and len(queue) <= depth:
+                queue.append(pool.submit(fn, *items[nxt]))
+                nxt += 1
+            yield queue.popleft().result()
+    finally:
+        for fut in queue:
+            fut.cancel()
+        for fut in queue:  # let running ones end before the caller moves on (they read its inputs)
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - an error after the caller stopped is not its error
+                    pass
+
+
 class FeatureStore:
     """Class and view embeddings of one model, through a (possibly disabled) :class:`EmbeddingCache`.
 
@@ -161,6 +248,13 @@ class FeatureStore:
     ``num_workers`` threads make the views; ``exif_transpose`` applies image files' EXIF orientation
     (as transformers' image loading does) before anything else. ``stats`` counts cache hits and
     misses of class and view embeddings (what ``classify`` reports in ``info["cache"]``).
+
+    ``prefetch`` (default 0: off) is how many images are decoded and have their views made ahead of
+    the image encoder, in background threads, so view making and encoding overlap (it also lets
+    :func:`vlm_tta.engine.run_stream` open the next chunk of images while the current one is being
+    encoded). Views are pure functions of (recipe, seed, image) and encoder batches are cut exactly
+    as without prefetching, so embeddings and predictions are bit-identical for every value. Memory
+    grows by about ``prefetch`` images' views (64 views at 224 px: 38 MB each).
     """
 
     def __init__(
@@ -170,12 +264,16 @@ class FeatureStore:
         encode_batch_size: int = 64,
         num_workers: int = 0,
         exif_transpose: bool = True,
+        prefetch: int = 0,
     ) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0 (images made ahead of the encoder); got {prefetch!r}")
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(enabled=False)
         self.encode_batch_size = encode_batch_size
         self.num_workers = num_workers
         self.exif_transpose = exif_transpose
+        self.prefetch = int(prefetch)
         self.stats = {"class_hits": 0, "class_misses": 0, "view_hits": 0, "view_misses": 0}
 
     def class_features(self, classnames: Sequence[str], templates=None, allow_duplicates: bool = False) -> torch.Tensor:
@@ -236,6 +334,15 @@ class FeatureStore:
         if new_files:
             self.cache.put_many(new_files)
         return out
+
+    def missing_views(self, source: ImageSource, view_set: ViewSet) -> list[int]:
+        """Indices of the views of ``source`` whose embeddings the cache does not hold."""
+        blocks = view_blocks(view_set.n_views)
+        parts = [source.key_parts(view_set, *b) for b in blocks]
+        keys = make_keys(("view", self.model.fingerprint, source.content_hash), parts)
+        present = self.cache.present(keys)
+        missing = [(start, count) for (start, count), key in zip(blocks, keys) if key not in present]
+        return [j for start, count in missing for j in range(start, start + count)]
 
     def view_features(
         self,
@@ -305,16 +412,22 @@ class FeatureStore:
 
         def flush() -> None:
             if pending_pixels:
-                emb = self.model.encode_images(torch.cat(pending_pixels), normalize=False).numpy()
+                pixels = torch.cat([p.to(self.model.device) for p in pending_pixels])
+                emb = self.model.encode_images(pixels, normalize=False).numpy()
                 out.update(zip(pending_ids, emb))
                 pending_ids.clear()
                 pending_pixels.clear()
 
-        for i, view_ids in wanted.items():
-            pending_pixels.append(sources[i].make_views(view_set, self.model, view_ids, self.num_workers))
-            pending_ids.extend((i, j) for j in view_ids)
-            if len(pending_ids) >= self.encode_batch_size:
-                flush()
+        def make(i: int, view_ids: list[int]) -> torch.Tensor:
+            return sources[i].make_views(view_set, self.model, view_ids, self.num_workers)
+
+        items = list(wanted.items())
+        with contextlib.closing(prefetched(make, items, self.prefetch)) as made:
+            for (i, view_ids), pixels in zip(items, made):
+                pending_pixels.append(pixels)
+                pending_ids.extend((i, j) for j in view_ids)
+                if len(pending_ids) >= self.encode_batch_size:
+                    flush()
         flush()
         return out
 
@@ -347,6 +460,33 @@ class Sample:
         self._image = _as_source(image)
         self.store = store
         self.image_hash = self._image.content_hash
+        self._chunk: Sequence[Sample] = ()
+        self._position = 0
+
+    @staticmethod
+    def link(samples: Sequence["Sample"]) -> None:
+        """Let each of a chunk's samples, when its views (or their embeddings) are first asked for,
+        start making the same views of the next ``store.prefetch`` samples in background threads
+        (the engine links the chunks it hands to model-level methods). Exact: views are pure
+        functions of their key; only views missing from the cache are made for embeddings."""
+        for k, sample in enumerate(samples):
+            sample._chunk, sample._position = samples, k
+
+    def _look_ahead(self, view_set: ViewSet, indices: Sequence[int] | None, features: bool) -> None:
+        depth = self.store.prefetch
+        if not depth or not self._chunk:
+            return
+        store = self.store
+        for other in self._chunk[self._position + 1 : self._position + 1 + depth]:
+            src = other._image
+            if not isinstance(src, LazyImage):
+                continue
+            if features:
+                which = lambda src=src: store.missing_views(src, view_set)  # noqa: E731
+            else:
+                ids = list(range(view_set.n_views)) if indices is None else [int(i) for i in indices]
+                which = lambda ids=ids: ids  # noqa: E731
+            src.make_views_ahead(view_set, which, store.model, store.num_workers, depth)
 
     @property
     def image(self) -> Image.Image:
@@ -360,10 +500,12 @@ class Sample:
 
     def views(self, view_set: ViewSet, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Model-ready pixels of the views (len(indices) x 3 x H x W; all views by default)."""
+        self._look_ahead(view_set, indices, features=False)
         return self._image.make_views(view_set, self.store.model, indices, self.store.num_workers)
 
     def view_features(self, view_set: ViewSet, normalize: bool = True) -> torch.Tensor:
         """V x D embeddings of the views (read from the cache when present)."""
+        self._look_ahead(view_set, None, features=True)
         return self.store.view_features([self._image], view_set, normalize=normalize, hashes=[self.image_hash])[0]
 
 

@@ -22,6 +22,8 @@ Recipes (see each function's docstring for the sources):
                     chains of 1-3 ops, Dirichlet(1,1,1) chain weights, Beta(1,1) blend)
 ``crop_flip_dmn``   DMN's ImageNet views: RandomResizedCrop with scale (0.5, 1) + flip
 ``augmix_dmn``      DMN's fine-grained views: the (0.5, 1) crop + flip, then TPT's AugMix
+``*_t``             the same four on batched tensors, on the model's device (the fast path, not
+                    bit-identical to Pillow; own cache keys): :mod:`vlm_tta.tensor_views`
 ==================  ===========================================================================
 
 Common random numbers: the crop/flip randomness of view ``i`` does not depend on the recipe's
@@ -76,12 +78,14 @@ __all__ = [
     "make_views",
     "original_view",
     "random_resized_crop_flip",
+    "register_batch_view_recipe",
     "register_view_recipe",
     "sample_crop_params",
     "to_normalized_tensor",
 ]
 
 RecipeFn = Callable[[Image.Image, PreprocessConfig, "ViewRNG"], torch.Tensor]
+BatchRecipeFn = Callable[[Image.Image, PreprocessConfig, Sequence["ViewRNG"], torch.device], torch.Tensor]
 OriginalFn = Callable[[Image.Image], torch.Tensor]
 
 # torchvision's RandomResizedCrop defaults (used by TPT: ``transforms.RandomResizedCrop(224)``).
@@ -112,6 +116,12 @@ DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # DMN (Zhang et al., CVPR 2024) crops with scale (0.5, 1).
 DMN_SCALE = (0.5, 1.0)
+#: torchvision's RandomHorizontalFlip default (TPT: ``transforms.RandomHorizontalFlip()``).
+FLIP_P = 0.5
+#: TPT's AugMix: severity 1, 3 chains of 1-3 ops (azshue/TPT ``augmix(..., severity=1)``).
+AUGMIX_SEVERITY = 1.0
+AUGMIX_WIDTH = 3
+AUGMIX_MAX_DEPTH = 3
 
 
 class UnknownViewRecipeError(VlmTtaError, ValueError):
@@ -139,6 +149,30 @@ def register_view_recipe(name: str) -> Callable[[RecipeFn], RecipeFn]:
             if name in _RECIPES and _RECIPES[name] is not fn:
                 raise ValueError(f"view recipe {name!r} is already registered")
             _RECIPES[name] = fn
+        return fn
+
+    return decorator
+
+
+_BATCH_RECIPES: dict[str, BatchRecipeFn] = {}
+_KEY_EXTRA: dict[str, tuple] = {}
+
+
+def register_batch_view_recipe(name: str, key_extra: tuple = ()) -> Callable[[BatchRecipeFn], BatchRecipeFn]:
+    """Decorator registering ``fn(image, cfg, rngs, device) -> Tensor`` as the view recipe ``name``,
+    made for all of an image's views at once: ``rngs`` holds one :class:`ViewRNG` per view (the
+    view's randomness must come from its own, so view ``i`` stays a pure function of its key) and
+    the result is ``len(rngs) x 3 x H x W`` float32 on ``device``. Used by the tensor path
+    (:mod:`vlm_tta.tensor_views`); ``key_extra`` is appended to the views' cache keys."""
+
+    def decorator(fn: BatchRecipeFn) -> BatchRecipeFn:
+        def one(image: Image.Image, cfg: PreprocessConfig, rng: ViewRNG) -> torch.Tensor:
+            return fn(image, cfg, [rng], torch.device("cpu"))[0]
+
+        one.__doc__ = fn.__doc__
+        register_view_recipe(name)(one)
+        _BATCH_RECIPES[name] = fn
+        _KEY_EXTRA[name] = tuple(key_extra)
         return fn
 
     return decorator
@@ -384,7 +418,7 @@ def random_resized_crop_flip(
     generator: torch.Generator,
     scale: tuple[float, float] = DEFAULT_SCALE,
     ratio: tuple[float, float] = DEFAULT_RATIO,
-    flip_p: float = 0.5,
+    flip_p: float = FLIP_P,
 ) -> Image.Image:
     """``RandomResizedCrop(cfg.image_size, scale, ratio)`` (bilinear, torchvision's default; Pillow
     antialiases) followed by ``RandomHorizontalFlip(flip_p)``, on the raw PIL image, with the draws
@@ -427,6 +461,28 @@ def _affine(img: Image.Image, coeffs: tuple) -> Image.Image:
     return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
 
 
+# The ops' random parameters, drawn in TPT's order (a level, then a sign for the geometric ops); the
+# PIL ops below and the tensor path (vlm_tta.tensor_views) both draw through these.
+def _posterize_bits(rng: np.random.Generator, severity: float) -> int:
+    return 4 - _int_param(_level(rng, severity), 4)
+
+
+def _rotate_degrees(rng: np.random.Generator, severity: float) -> int:
+    return _signed(_int_param(_level(rng, severity), 30), rng)
+
+
+def _solarize_threshold(rng: np.random.Generator, severity: float) -> int:
+    return 256 - _int_param(_level(rng, severity), 256)
+
+
+def _shear(rng: np.random.Generator, severity: float) -> float:
+    return _signed(_float_param(_level(rng, severity), 0.3), rng)
+
+
+def _translate_px(rng: np.random.Generator, severity: float, side: int) -> int:
+    return _signed(_int_param(_level(rng, severity), side / 3), rng)
+
+
 def _autocontrast(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
     return ImageOps.autocontrast(img)
 
@@ -436,26 +492,24 @@ def _equalize(img: Image.Image, severity: float, rng: np.random.Generator) -> Im
 
 
 def _posterize(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    return ImageOps.posterize(img, 4 - _int_param(_level(rng, severity), 4))
+    return ImageOps.posterize(img, _posterize_bits(rng, severity))
 
 
 def _rotate(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    degrees = _signed(_int_param(_level(rng, severity), 30), rng)
+    degrees = _rotate_degrees(rng, severity)
     return img.rotate(degrees, resample=Image.Resampling.BILINEAR)
 
 
 def _solarize(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    return ImageOps.solarize(img, 256 - _int_param(_level(rng, severity), 256))
+    return ImageOps.solarize(img, _solarize_threshold(rng, severity))
 
 
 def _shear_x(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    s = _signed(_float_param(_level(rng, severity), 0.3), rng)
-    return _affine(img, (1, s, 0, 0, 1, 0))
+    return _affine(img, (1, _shear(rng, severity), 0, 0, 1, 0))
 
 
 def _shear_y(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    s = _signed(_float_param(_level(rng, severity), 0.3), rng)
-    return _affine(img, (1, 0, 0, s, 1, 0))
+    return _affine(img, (1, 0, 0, _shear(rng, severity), 1, 0))
 
 
 def _shift(img: Image.Image, offset: int, axis: int) -> Image.Image:
@@ -478,11 +532,11 @@ def _shift(img: Image.Image, offset: int, axis: int) -> Image.Image:
 
 
 def _translate_x(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    return _shift(img, _signed(_int_param(_level(rng, severity), img.width / 3), rng), 0)
+    return _shift(img, _translate_px(rng, severity, img.width), 0)
 
 
 def _translate_y(img: Image.Image, severity: float, rng: np.random.Generator) -> Image.Image:
-    return _shift(img, _signed(_int_param(_level(rng, severity), img.height / 3), rng), 1)
+    return _shift(img, _translate_px(rng, severity, img.height), 1)
 
 
 #: The 9 AugMix ops TPT uses (``augmentations`` in TPT's augmix_ops; the colour, contrast,
@@ -501,6 +555,21 @@ AUGMIX_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator], Image.
 }
 
 
+#: Each op's random parameter as ``fn(rng, severity, width, height)`` (None for the ops without one),
+#: with the same draws as the op in :data:`AUGMIX_OPS`: what the tensor path samples per view.
+AUGMIX_PARAMS: dict[str, Callable[[np.random.Generator, float, int, int], object]] = {
+    "autocontrast": lambda rng, severity, w, h: None,
+    "equalize": lambda rng, severity, w, h: None,
+    "posterize": lambda rng, severity, w, h: _posterize_bits(rng, severity),
+    "rotate": lambda rng, severity, w, h: _rotate_degrees(rng, severity),
+    "solarize": lambda rng, severity, w, h: _solarize_threshold(rng, severity),
+    "shear_x": lambda rng, severity, w, h: _shear(rng, severity),
+    "shear_y": lambda rng, severity, w, h: _shear(rng, severity),
+    "translate_x": lambda rng, severity, w, h: _translate_px(rng, severity, w),
+    "translate_y": lambda rng, severity, w, h: _translate_px(rng, severity, h),
+}
+
+
 def _sample_mixing(rng: np.random.Generator, width: int) -> tuple[np.ndarray, np.float32]:
     """Chain weights w ~ Dirichlet(1, ..., 1) and blend m ~ Beta(1, 1), float32 (TPT's order)."""
     w = np.float32(rng.dirichlet([1.0] * width))
@@ -512,9 +581,9 @@ def augmix(
     crop: Image.Image,
     cfg: PreprocessConfig,
     rng: np.random.Generator,
-    severity: float = 1.0,
-    width: int = 3,
-    max_depth: int = 3,
+    severity: float = AUGMIX_SEVERITY,
+    width: int = AUGMIX_WIDTH,
+    max_depth: int = AUGMIX_MAX_DEPTH,
 ) -> torch.Tensor:
     """TPT's AugMix on an already cropped/flipped PIL image (Shu et al., NeurIPS 2022, after
     Hendrycks et al., ICLR 2020), mixed on normalised tensors:
@@ -581,16 +650,17 @@ def _recipe_augmix_dmn(image: Image.Image, cfg: PreprocessConfig, rng: ViewRNG) 
 
 
 # ------------------------------------------------------------------------------------- workers
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(num_workers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), num_workers)  # a forked child has none of its parent's threads: new pools
     with _POOLS_LOCK:
-        pool = _POOLS.get(num_workers)
+        pool = _POOLS.get(key)
         if pool is None:
             pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vlm_tta-views")
-            _POOLS[num_workers] = pool
+            _POOLS[key] = pool
         return pool
 
 
@@ -642,21 +712,23 @@ class ViewSet:
     def key_parts(self, index: int) -> tuple:
         """What identifies view ``index`` besides the model and the image: ``("original", v)`` for
         view 0 (shared by every recipe and seed), ``(recipe, seed, index, v)`` otherwise, where
-        ``v`` is :data:`VIEWS_VERSION`."""
+        ``v`` is :data:`VIEWS_VERSION` (tensor-path recipes append their own version)."""
         index = self._check_index(index)
-        return ("original", VIEWS_VERSION) if index == 0 else (self.recipe, self.seed, index, VIEWS_VERSION)
+        if index == 0:
+            return ("original", VIEWS_VERSION)
+        return (self.recipe, self.seed, index, VIEWS_VERSION) + _KEY_EXTRA.get(self.recipe, ())
 
     def block_key_parts(self, start: int, count: int) -> tuple:
         """What identifies the block of views ``start .. start + count - 1`` (one cache row, see
         :func:`view_blocks`): the original's own key for view 0 alone, else ``(recipe, seed,
-        "block", start, count, v)``."""
+        "block", start, count, v)`` (tensor-path recipes append their own version)."""
         self._check_index(start)
         self._check_index(start + count - 1)
         if start == 0:
             if count != 1:
                 raise ValueError("the original view (index 0) is a block of its own")
             return self.key_parts(0)
-        return (self.recipe, self.seed, "block", start, count, VIEWS_VERSION)
+        return (self.recipe, self.seed, "block", start, count, VIEWS_VERSION) + _KEY_EXTRA.get(self.recipe, ())
 
     def _check_index(self, index) -> int:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -695,6 +767,7 @@ class ViewSet:
         *,
         image_hash: str | None = None,
         num_workers: int = 0,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Views ``indices`` (default: all) of one image as a ``len(indices) x 3 x H x W`` tensor.
 
@@ -702,7 +775,8 @@ class ViewSet:
         converted). ``original`` replaces the original view's transform with the backbone's own
         ``preprocess`` (it must return ``3 x H x W`` at ``cfg.image_size``). ``image_hash``
         (:func:`~vlm_tta.images.content_hash` of the image) saves hashing again when the caller
-        has it. ``num_workers > 0`` spreads the views over that many threads.
+        has it. ``num_workers > 0`` spreads the views over that many threads. ``device`` is where
+        tensor-path recipes make their views (PIL recipes ignore it and return CPU tensors).
         """
         return make_views(
             self,
@@ -712,6 +786,7 @@ class ViewSet:
             original,
             image_hashes=None if image_hash is None else [image_hash],
             num_workers=num_workers,
+            device=device,
         )[0]
 
     def make_batch(
@@ -723,9 +798,12 @@ class ViewSet:
         *,
         image_hashes: Sequence[str] | None = None,
         num_workers: int = 0,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Views of many images: ``len(images) x len(indices) x 3 x H x W``."""
-        return make_views(self, images, cfg, indices, original, image_hashes=image_hashes, num_workers=num_workers)
+        return make_views(
+            self, images, cfg, indices, original, image_hashes=image_hashes, num_workers=num_workers, device=device
+        )
 
 
 def _original(image: Image.Image, cfg: PreprocessConfig, original: OriginalFn | None) -> torch.Tensor:
@@ -753,8 +831,13 @@ def make_views(
     *,
     image_hashes: Sequence[str] | None = None,
     num_workers: int = 0,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Views ``indices`` of every image: ``len(images) x len(indices) x 3 x H x W`` float32.
+
+    A tensor-path recipe (:func:`register_batch_view_recipe`) makes each image's random views in one
+    batched call on ``device`` (default CPU) and returns a tensor there; view 0 (the original) always
+    comes from the exact PIL path.
 
     With ``num_workers > 0`` the work (one task per image, or per chunk of views when there are
     fewer images than workers) runs in a shared pool of threads: Pillow and numpy release the GIL
@@ -772,6 +855,8 @@ def make_views(
         if len(hashes) != len(rgb):
             raise ValueError(f"got {len(hashes)} image hashes for {len(rgb)} images")
     h, w = _hw(cfg)
+    if view_set.recipe in _BATCH_RECIPES:
+        return _make_batched(view_set, rgb, hashes, cfg, idx, original, torch.device(device or "cpu"), num_workers)
     # Filled with numpy copies (no torch kernels, so no OpenMP threads, in the per-view path).
     out = np.empty((len(rgb), len(idx), 3, h, w), dtype=np.float32)
     if not rgb or not idx:
@@ -798,6 +883,42 @@ def make_views(
     return torch.from_numpy(out)
 
 
+def _make_batched(
+    view_set: ViewSet,
+    rgb: list[Image.Image],
+    hashes: list[str],
+    cfg: PreprocessConfig,
+    idx: list[int],
+    original: OriginalFn | None,
+    device: torch.device,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """Views of a tensor-path recipe: each image's random views in one call of the recipe on
+    ``device``; on the CPU with ``num_workers > 1`` in that many slices on the worker threads (torch
+    releases the GIL; each view depends only on its own generators, so the slicing changes nothing)."""
+    h, w = _hw(cfg)
+    fn = _BATCH_RECIPES[view_set.recipe]
+    out = torch.empty((len(rgb), len(idx), 3, h, w), dtype=torch.float32, device=device)
+    rand = [p for p, i in enumerate(idx) if i != 0]
+    n_slices = max(1, min(int(num_workers or 0), len(rand))) if device.type == "cpu" else 1
+    for b, image in enumerate(rgb):
+        if len(rand) < len(idx):
+            out[b, [p for p, i in enumerate(idx) if i == 0]] = _original(image, cfg, original).to(device)
+        if not rand:
+            continue
+        rngs = {p: ViewRNG.for_view(view_set.seed, hashes[b], idx[p]) for p in rand}
+
+        def work(positions: list[int], image=image, b=b, rngs=rngs) -> None:
+            out[b, positions] = fn(image, cfg, [rngs[p] for p in positions], device)
+
+        if n_slices == 1:
+            work(rand)
+        else:
+            for fut in [_pool(n_slices).submit(work, rand[k::n_slices]) for k in range(n_slices)]:
+                fut.result()
+    return out
+
+
 def default_num_workers() -> int:
     """A sensible thread count for view making: the CPUs this process may use, at most 8."""
     try:
@@ -805,3 +926,7 @@ def default_num_workers() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
     return max(1, min(8, n))
+
+
+# The tensor-path recipes (crop_flip_t, augmix_t, ...) register themselves on import.
+from . import tensor_views as _tensor_views  # noqa: E402, F401

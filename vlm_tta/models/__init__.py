@@ -67,8 +67,8 @@ def load_model(
 
     Args:
         device: default ``"cuda"`` when available, else ``"cpu"``.
-        precision: ``"fp32"``, ``"amp"`` (fp32 weights, fp16 autocast on CUDA) or ``"amp_bf16"``;
-            default ``"amp"`` on CUDA, ``"fp32"`` on CPU.
+        precision: ``"fp32"``, ``"amp"`` (fp32 weights, fp16 autocast on CUDA) or ``"amp_bf16"``
+            (bf16 autocast on CUDA and, opt-in, on the CPU); default ``"amp"`` on CUDA, ``"fp32"`` on CPU.
         trust_remote_code: passed to transformers (config/processor/model); off by default.
         cache_dir: download cache for open_clip / transformers (default: their own).
         tokenizer: open_clip only: a tokenizer object, or a local directory with Hugging Face tokenizer

@@ -40,9 +40,13 @@ class PreprocessConfig:
         return asdict(self)
 
 
-#: Precisions a backbone runs at. Weights always stay fp32; "amp" autocasts to fp16 on CUDA and
-#: "amp_bf16" to bfloat16. On CPU all three compute in fp32 (the name still enters the fingerprint).
+#: Precisions a backbone runs at. Weights always stay fp32; "amp" autocasts to fp16 on CUDA (fp32 on
+#: the CPU) and "amp_bf16" to bfloat16 on CUDA and on the CPU (opt-in there: the CPU default is fp32).
 PRECISIONS = ("fp32", "amp", "amp_bf16")
+
+#: The context the encoders run in when no gradients are needed: inference mode (no autograd
+#: bookkeeping at all, not even version counters); results are returned as normal tensors.
+_INFERENCE = torch.inference_mode
 
 
 def _digest(obj) -> str:
@@ -72,7 +76,7 @@ class VisionLanguageModel(ABC):
       ``name``          human-readable spec (``"open_clip:ViT-B-16/openai"``, ``"hf:google/siglip-..."``)
       ``preprocess_cfg`` a :class:`PreprocessConfig`
       ``device``        where the weights live
-      ``precision``     ``"fp32"``, ``"amp"`` or ``"amp_bf16"`` (fp32 weights, autocast on CUDA)
+      ``precision``     ``"fp32"``, ``"amp"`` or ``"amp_bf16"`` (fp32 weights, autocast; see :data:`PRECISIONS`)
       ``kind``          ``"clip"`` or ``"siglip"``
     """
 
@@ -125,7 +129,7 @@ class VisionLanguageModel(ABC):
                 "kind": self.kind,
                 "weights": self.weights_digest,
                 "preprocess": self.preprocess_cfg.as_dict(),
-                "precision": self.precision,
+                "precision": self._precision_key(),
             }
         )[:32]
 
@@ -134,35 +138,55 @@ class VisionLanguageModel(ABC):
         fingerprint. Backends cache the digest at load time, so call this after editing weights."""
         return self.fingerprint
 
+    def _precision_key(self) -> str:
+        # bf16 autocast on the CPU computes differently from the fp32 that "amp_bf16" meant there
+        # before it was supported, so its embeddings get their own fingerprint.
+        if self.precision == "amp_bf16" and self.device.type == "cpu":
+            return "amp_bf16:cpu-autocast"
+        return self.precision
+
     def autocast(self):
-        """fp32 weights with autocast on CUDA (TPT's recipe); plain fp32 elsewhere."""
+        """fp32 weights with autocast on CUDA (TPT's recipe: fp16 for "amp", bf16 for "amp_bf16"), bf16
+        autocast on the CPU for "amp_bf16" (opt-in); plain fp32 otherwise."""
         if self.device.type == "cuda" and self.precision in ("amp", "amp_bf16"):
             return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "amp_bf16" else torch.float16)
+        if self.device.type == "cpu" and self.precision == "amp_bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    @torch.no_grad()
+    def compile(self, **options) -> "VisionLanguageModel":
+        """Compile the image encoder with ``torch.compile(**options)`` (e.g. ``mode="max-autotune"``)
+        and return the model. Optional and not bit-exact (fused kernels round differently); the first
+        batch of each shape pays the compilation. The fingerprint does not change (same weights)."""
+        self._encode_images = torch.compile(self._encode_images, **options)  # type: ignore[method-assign]
+        return self
+
     def encode_images(self, pixels: torch.Tensor, normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
-        """Embeddings (B x D, float32, on CPU) of preprocessed pixels (B x 3 x H x W)."""
+        """Embeddings (B x D, float32, on CPU) of preprocessed pixels (B x 3 x H x W), computed in
+        inference mode under :meth:`autocast`."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be B x 3 x H x W; got shape {tuple(pixels.shape)}")
         outs = []
-        for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size].to(self.device, non_blocking=True)
-            with self.autocast():
-                outs.append(self._encode_images(chunk).float().cpu())
-        emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
-        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        with _INFERENCE():
+            for start in range(0, len(pixels), batch_size):
+                chunk = pixels[start : start + batch_size].to(self.device, non_blocking=True)
+                with self.autocast():
+                    outs.append(self._encode_images(chunk).float().cpu())
+            emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
+            emb = torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        return emb.clone()  # a normal tensor: callers may use it in autograd (TPT's loss)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], normalize: bool = True, batch_size: int = 1000) -> torch.Tensor:
-        """Embeddings (N x D, float32, on CPU) of ``texts``."""
+        """Embeddings (N x D, float32, on CPU) of ``texts``, computed in inference mode."""
         texts = list(texts)
         outs = []
-        for start in range(0, len(texts), batch_size):
-            with self.autocast():
-                outs.append(self._encode_texts(texts[start : start + batch_size]).float().cpu())
-        emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
-        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        with _INFERENCE():
+            for start in range(0, len(texts), batch_size):
+                with self.autocast():
+                    outs.append(self._encode_texts(texts[start : start + batch_size]).float().cpu())
+            emb = torch.cat(outs) if outs else torch.empty(0, self.embed_dim)
+            emb = torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        return emb.clone()
 
     def class_embeddings(
         self,
@@ -278,7 +302,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ModelSpecError(
             f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r} (weights always stay fp32, "
-            "'amp' autocasts to fp16 on CUDA, 'amp_bf16' to bfloat16)"
+            "'amp' autocasts to fp16 on CUDA, 'amp_bf16' to bfloat16 on CUDA and the CPU)"
         )
     return precision
 
