@@ -103,3 +103,26 @@ def test_openai_state_dict_round_trip(tmp_path):
     assert again.fingerprint == model.fingerprint
     with pytest.raises(ModelSpecError, match="OpenAI-format"):
         OpenClipModel.from_openai_state_dict({"visual.proj": torch.zeros(2, 2)})
+
+
+def test_length_buckets_are_exact_and_keep_the_class_order(backbone, monkeypatch):
+    import vlm_tta.models.prompting as prompting
+
+    monkeypatch.setattr(prompting, "BUCKET_OVERHEAD", 0)  # one run per distinct prompt length
+    learner = PromptLearner(backbone, NAMES)
+    runs = learner.buckets(torch.arange(len(NAMES)))
+    if backbone.kind == "clip":
+        assert len(runs) > 1 and sorted(torch.cat([r[0] for r in runs]).tolist()) == list(range(len(NAMES)))
+        assert all(length == int(learner.lengths[idx].max()) for idx, length in runs)
+    else:  # SigLIP: no causal mask, pooled at the last token: never cut
+        assert runs[0][1] == learner.ids.shape[1]
+    expected = backbone.class_embeddings(NAMES, ["a photo of a {}."])
+    ctx = learner.ctx_init.clone().requires_grad_(True)
+    feats = learner.text_features(ctx)
+    torch.testing.assert_close(feats.detach(), expected, atol=1e-5, rtol=0)
+    picked = learner.text_features(ctx, torch.tensor([5, 0, 3]))
+    torch.testing.assert_close(picked.detach(), expected[[5, 0, 3]], atol=1e-5, rtol=0)
+    chunks = learner.class_chunks(3)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(len(NAMES))) and learner.class_chunks(None) == [None]
+    (feats[:, 0].sum() + picked[0, 1]).backward()
+    assert ctx.grad.abs().sum() > 0

@@ -194,3 +194,16 @@ def test_second_run_encodes_no_image(tmp_path):
     np.testing.assert_array_equal(second.logits, first.logits)
     ref = vlm_tta.classify(images, NAMES, method="tpt", reference_compute=True, **opts)
     np.testing.assert_allclose(ref.logits, first.logits, atol=1e-5)
+
+
+def test_hf_clip_fast_path_equals_reference_computation():
+    from tiny_models import build_tiny_hf_clip
+
+    from vlm_tta.models import from_hf
+
+    model = from_hf(*build_tiny_hf_clip())
+    views = _views(2, 8, seed=3)
+    opts = dict(n_views=8, selection_p=0.25, cache=False, model=model)
+    ref = vlm_tta.classify(views, NAMES, method="tpt", reference_compute=True, **opts)
+    fast = vlm_tta.classify(views, NAMES, method="tpt", class_chunk=5, **opts)
+    np.testing.assert_allclose(fast.logits, ref.logits, atol=1e-5)

@@ -149,17 +149,23 @@ class PromptTuner:
         out = self.logit_scale * torch.einsum("bvd,bcd->bvc", image_features, text_features)
         return out + self.logit_bias if self.logit_bias is not None else out
 
-    def _slices(self) -> list[slice | None]:
-        c = self.learner.num_classes
-        if self.class_chunk is None or self.class_chunk >= c:
-            return [None]
-        return [slice(s, min(s + self.class_chunk, c)) for s in range(0, c, self.class_chunk)]
+    def _chunks(self) -> list[torch.Tensor | None]:
+        return self.learner.class_chunks(self.class_chunk)
 
     @torch.no_grad()
     def text_features(self, ctx: torch.Tensor) -> torch.Tensor:
         """``B x C x D`` class features for contexts ``B x n x W``, without gradients (in chunks)."""
+        chunks = self._chunks()
         with self.autocast():
-            return torch.cat([self.learner.text_features(ctx, s) for s in self._slices()], dim=1)
+            if chunks[0] is None:
+                return self.learner.text_features(ctx).float()
+            out = torch.empty(ctx.shape[0], self.learner.num_classes, 0)
+            for s in chunks:
+                part = self.learner.text_features(ctx, s).float()
+                if out.shape[-1] == 0:
+                    out = part.new_empty(ctx.shape[0], self.learner.num_classes, part.shape[-1])
+                out[:, s.to(out.device)] = part
+            return out
 
     def _scaler(self, ctx: torch.Tensor):
         if ctx.device.type != "cuda":
@@ -193,8 +199,8 @@ class PromptTuner:
         for step in range(self.steps):
             img = (first if step == 0 else get(False)).to(device, torch.float32)
             optimizer.zero_grad(set_to_none=True)
-            slices = self._slices()
-            if slices == [None]:
+            chunks = self._chunks()
+            if chunks[0] is None:
                 with self.autocast():
                     text = self.learner.text_features(ctx)
                 logits = self.logits(img, text.float())
@@ -209,10 +215,10 @@ class PromptTuner:
                     selected = self.select(logits.detach())
                 loss = marginal_entropy(gather_views(logits, selected)).sum()
                 (grad_text,) = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, text)
-                for s in slices:
+                for s in chunks:
                     with self.autocast():
                         part = self.learner.text_features(ctx, s)
-                    (part.float() * grad_text[:, s]).sum().backward()
+                    (part.float() * grad_text[:, s.to(grad_text.device)]).sum().backward()
             losses.append(_per_image(logits, selected))
             if scaler is not None:
                 scaler.step(optimizer)

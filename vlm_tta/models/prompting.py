@@ -39,6 +39,7 @@ CoOp's class-specific one.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
@@ -48,6 +49,8 @@ from ..errors import MethodOptionError, UnsupportedBackboneError
 
 DEFAULT_PHRASE = "a photo of a"  # TPT scripts: --ctx_init a_photo_of_a
 PLACEHOLDER = "X"  # CoOp / TPT: the prompt prefix "X X X X" when the context is not a phrase
+#: the cost of one more text forward, in prompts' worth of tokens (for grouping classes by length)
+BUCKET_OVERHEAD = 16
 
 
 # --------------------------------------------------------------------------- context files
@@ -207,7 +210,9 @@ class HFTextPath(TextPath):
         self.embedding = text_model.embeddings.token_embedding
         self.width = int(self.embedding.weight.shape[1])
         self.siglip = backbone.kind == "siglip"
-        self.can_truncate = False  # CLIP: the tokenizer already pads to the longest prompt; SigLIP: never
+        self.can_truncate = not self.siglip  # CLIP: causal mask, pooled at EOS; SigLIP: no mask, last token
+        config = getattr(backbone.model.config, "text_config", None)
+        self.eos_id = getattr(config, "eos_token_id", None)
         self.full_length = False  # CLIP only: pad to 77 as OpenAI's tokenizer does (the reference computation)
 
     def tokenize(self, texts):
@@ -224,6 +229,13 @@ class HFTextPath(TextPath):
 
     def phrase_tokens(self, phrase):
         return list(self.backbone.tokenizer(phrase, add_special_tokens=False)["input_ids"])
+
+    def pool_positions(self, ids):
+        if self.siglip:
+            return None
+        if self.eos_id is None or self.eos_id == 2:  # transformers' legacy rule: the highest id
+            return ids.argmax(-1)
+        return (ids == self.eos_id).int().argmax(-1)
 
     def token_embedding(self, ids):
         return self.embedding(ids)
@@ -325,6 +337,8 @@ class PromptLearner:
         phrase_ids = self.path.phrase_tokens(phrase_text)
         if len(phrase_ids) != n:
             raise MethodOptionError(f"the context phrase {phrase_text!r} gives {len(phrase_ids)} tokens, not {n}")
+        if isinstance(self.path, HFTextPath):  # without truncation: 77 tokens, as OpenAI's tokenizer pads
+            self.path.full_length = not truncate
         self.ids, self.extra = self.path.tokenize(self.prompts)
         starts = {_find(row, phrase_ids) for row in self.ids.tolist()}
         if len(starts) != 1 or -1 in starts or next(iter(starts)) > 1:
@@ -345,6 +359,11 @@ class PromptLearner:
                 ctx0 = torch.randn(n, self.path.width, generator=gen) * 0.02
         self.ctx_init = ctx0.detach().to(device, torch.float32).clone()
         self.truncate = bool(truncate)
+        #: tokens each class prompt needs (up to its pooled EOS) where cutting there is exact, else the full length
+        pool = self.path.pool_positions(self.ids) if self.path.can_truncate else None
+        self.lengths = (
+            (pool + 1).cpu() if pool is not None else torch.full((len(self.classnames),), int(self.ids.shape[1]))
+        )
 
     def _placeholder(self, n: int) -> str:
         for word in (PLACEHOLDER, "a", "x"):
@@ -357,33 +376,83 @@ class PromptLearner:
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def class_slice(self, classes: slice | None) -> tuple[torch.Tensor, dict]:
-        """Token ids (and extra inputs) of ``classes``, cut after their longest EOS when exact."""
-        ids = self.ids if classes is None else self.ids[classes]
-        extra = {k: (v if classes is None else v[classes]) for k, v in self.extra.items()}
-        if self.truncate and self.path.can_truncate:
-            pos = self.path.pool_positions(ids)
-            length = int(pos.max()) + 1
-            ids = ids[:, :length]
-            extra = {k: v[:, :length] for k, v in extra.items()}
-        return ids, extra
+    def _index(self, classes: slice | torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+        full = torch.arange(self.num_classes)
+        if classes is None:
+            return full
+        if isinstance(classes, slice):
+            return full[classes]
+        return torch.as_tensor(classes, dtype=torch.long).reshape(-1).cpu()
 
-    def text_features(self, ctx: torch.Tensor, classes: slice | None = None, normalize: bool = True) -> torch.Tensor:
+    def buckets(self, index: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """``index``'s classes grouped into runs of similar prompt length, each run cut after its longest
+        EOS (exact under a causal mask), as ``(class indices, length)``; the runs cover ``index`` sorted by
+        length. The grouping minimises ``sum((size + BUCKET_OVERHEAD) x length)`` (a small dynamic
+        programme over the distinct lengths). One run of the full length when cutting is off or inexact."""
+        if not (self.truncate and self.path.can_truncate) or len(index) == 0:
+            return [(index, int(self.ids.shape[1]))]
+        lengths = self.lengths[index]
+        order = torch.argsort(lengths, stable=True)
+        index, lengths = index[order], lengths[order]
+        values, counts = torch.unique_consecutive(lengths, return_counts=True)
+        values, counts = values.tolist(), counts.tolist()
+        g = len(values)
+        best = [0.0] + [math.inf] * g  # best[j]: cost of the first j groups
+        cut = [0] * (g + 1)
+        for j in range(1, g + 1):
+            size = 0
+            for i in range(j, 0, -1):  # last run = groups i..j (1-based)
+                size += counts[i - 1]
+                cost = best[i - 1] + (size + BUCKET_OVERHEAD) * values[j - 1]
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i - 1
+        runs, j = [], g
+        while j > 0:
+            runs.append((cut[j], j))
+            j = cut[j]
+        out, start = [], 0
+        for i, j in reversed(runs):
+            size = sum(counts[i:j])
+            out.append((index[start : start + size], int(values[j - 1])))
+            start += size
+        return out
+
+    def class_chunks(self, size: int | None) -> list[torch.Tensor | None]:
+        """The classes in chunks of at most ``size`` (sorted by prompt length so that each chunk is cut
+        short); ``[None]`` (all classes at once) when ``size`` is None or covers every class."""
+        if size is None or size >= self.num_classes:
+            return [None]
+        order = torch.argsort(self.lengths, stable=True)
+        return [order[s : s + size] for s in range(0, self.num_classes, size)]
+
+    def text_features(
+        self, ctx: torch.Tensor, classes: slice | torch.Tensor | Sequence[int] | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         """Text features of the class prompts with context ``ctx`` (``n x W`` -> ``C x D``; ``B x n x W`` ->
-        ``B x C x D``), for all classes or the slice ``classes``."""
+        ``B x C x D``), for all classes or for ``classes`` (a slice or class indices, in that order)."""
         single = ctx.ndim == 2
         ctxb = ctx.unsqueeze(0) if single else ctx
         if ctxb.ndim != 3 or ctxb.shape[1:] != self.ctx_init.shape:
             raise ValueError(f"context must be {tuple(self.ctx_init.shape)} or B x that; got {tuple(ctx.shape)}")
-        ids, extra = self.class_slice(classes)
-        b, c = ctxb.shape[0], ids.shape[0]
-        ids_b = ids.repeat(b, 1)
-        extra_b = {k: v.repeat(b, 1) for k, v in extra.items()}
-        ctx_rows = ctxb.unsqueeze(1).expand(b, c, *ctxb.shape[1:]).reshape(b * c, *ctxb.shape[1:])
-        feats = self.path.encode(ids_b, extra_b, ctx_rows, self.start).float()
+        index = self._index(classes)
+        b = ctxb.shape[0]
+        parts, covered = [], []
+        for sub, length in self.buckets(index):
+            dev = sub.to(self.ids.device)
+            ids = self.ids[dev, :length].repeat(b, 1)
+            extra = {k: v[dev, :length].repeat(b, 1) for k, v in self.extra.items()}
+            c = len(sub)
+            rows = ctxb.unsqueeze(1).expand(b, c, *ctxb.shape[1:]).reshape(b * c, *ctxb.shape[1:])
+            parts.append(self.path.encode(ids, extra, rows, self.start).float().view(b, c, -1))
+            covered.append(sub)
+        feats = torch.cat(parts, dim=1)
+        order = torch.cat(covered)
+        if not torch.equal(order, index):  # back to the order asked for
+            where = torch.empty(self.num_classes, dtype=torch.long)
+            where[order] = torch.arange(len(order))
+            feats = feats[:, where[index].to(feats.device)]
         if normalize:
             feats = torch.nn.functional.normalize(feats, dim=-1)
-        feats = feats.view(b, c, -1)
         return feats[0] if single else feats
 
 
