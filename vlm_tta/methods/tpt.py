@@ -11,7 +11,9 @@ log space (:func:`~vlm_tta.methods.common.marginal_entropy`); one AdamW step (lr
 betas (0.9, 0.999), eps 1e-8, weight decay 0.01); the prediction is the original view's logits with the
 tuned context. Context and optimizer state start afresh for every image. On CUDA with fp16 autocast the
 loss goes through a ``GradScaler(init_scale=1000)`` as in the reference (a fresh one per image; the
-reference keeps one across images, whose scale only matters on fp16 overflow).
+reference keeps one across images, whose scale only matters on fp16 overflow; with several images per
+forward an overflow in one skips the step of all of them). Logits and the loss are computed in fp32 from
+the encoders' (autocast) outputs.
 
 The reference's computation is kept as ``reference_compute=True`` (every forward re-encodes all views,
 full-length text sequences, one image at a time). By default the same numbers come faster (each with a
