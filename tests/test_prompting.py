@@ -126,3 +126,22 @@ def test_length_buckets_are_exact_and_keep_the_class_order(backbone, monkeypatch
     assert sorted(torch.cat(chunks).tolist()) == list(range(len(NAMES))) and learner.class_chunks(None) == [None]
     (feats[:, 0].sum() + picked[0, 1]).backward()
     assert ctx.grad.abs().sum() > 0
+
+
+def test_sequence_first_transformer_of_older_open_clip():
+    """open_clip before batch-first transformers: ``transformer`` takes L x N x D and has no batch_first."""
+
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, attn_mask=None):  # x: L x N x D
+            return self.inner(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
+
+    model = build_tiny_openclip()
+    expected = model.class_embeddings(NAMES, ["a photo of a {}."])
+    model.model.transformer = SequenceFirst(model.model.transformer)
+    learner = PromptLearner(model, NAMES)
+    with torch.no_grad():
+        torch.testing.assert_close(learner.text_features(learner.ctx_init), expected, atol=1e-5, rtol=0)

@@ -285,8 +285,8 @@ class PromptLearner:
     ``seed``. ``ctx_init`` is the initial context (``n x width``, float32, on the model's device).
 
     :meth:`text_features` takes a context ``n x W`` (-> ``C x D``) or a batch of contexts ``B x n x W``
-    (-> ``B x C x D``: one independent problem per context in one forward), optionally for a slice of the
-    classes, L2-normalised; gradients flow into the context only (the backbone's weights are frozen).
+    (-> ``B x C x D``: one independent problem per context in one forward), optionally for some of the
+    classes (a slice or class indices), L2-normalised; gradients flow into the context only (frozen weights).
     """
 
     def __init__(
