@@ -145,3 +145,21 @@ def test_sequence_first_transformer_of_older_open_clip():
     learner = PromptLearner(model, NAMES)
     with torch.no_grad():
         torch.testing.assert_close(learner.text_features(learner.ctx_init), expected, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_gives_the_same_features_and_gradients():
+    model = build_tiny_openclip()
+    shared, full = PromptLearner(model, NAMES), PromptLearner(model, NAMES, share_prefix=False, truncate=False)
+    assert shared.path.can_share_prefix
+    ctx = torch.stack([shared.ctx_init, shared.ctx_init + 0.05]).requires_grad_(True)
+    weights = torch.randn(2, len(NAMES), model.embed_dim)
+    grads, feats = [], []
+    for learner in (shared, full):
+        f = learner.text_features(ctx)
+        (f * weights).sum().backward()
+        feats.append(f.detach())
+        grads.append(ctx.grad.clone())
+        ctx.grad = None
+    torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    assert not PromptLearner(build_tiny_openclip(siglip=True), NAMES).path.can_share_prefix

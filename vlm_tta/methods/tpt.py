@@ -22,7 +22,11 @@ test that no prediction changes):
 * the views' image embeddings are computed once per image, through the shared cache
   (:class:`~vlm_tta.features.FeatureStore`): the prompt does not change them, and a second run encodes
   no image at all;
-* CLIP's text sequences stop after the longest EOS position (causal mask, absolute positions; not SigLIP);
+* CLIP's class prompts are grouped by length and each group stops after its longest EOS position (causal
+  mask, absolute positions; not SigLIP);
+* open_clip CLIP: the prefix ``[SOS] ctx_1..ctx_n``, the same in every class prompt and, under the causal
+  mask, blind to what follows, is run once per image; each class runs only its own tokens, attending to the
+  prefix's keys and values (about half the text tokens for ImageNet's names);
 * ``image_batch`` images are adapted at once as independent problems (one context and one Adam state per
   image in one batched forward; Adam(W) is element-wise and the loss is the sum of the images' losses);
 * ``class_chunk`` encodes the classes in chunks with gradient accumulation (exact: the loss's gradient
@@ -317,6 +321,7 @@ class TPT(Method):
             ctx_vectors=cfg.coop_ctx,
             n_ctx=cfg.n_ctx,
             truncate=not cfg.reference_compute,
+            share_prefix=not cfg.reference_compute,
             seed=cfg.ctx_seed,
         )
         self.tuner = PromptTuner(

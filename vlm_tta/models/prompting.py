@@ -27,8 +27,11 @@ number of words for CLIP's BPE and ``"a photo of a"``, which is TPT's ``n_ctx``)
 
 Exact speed-up: with a causal mask and pooling at the EOS token, nothing after the longest EOS position
 of a batch can change the pooled feature (positions are absolute, attention only looks back), so the
-sequence is cut there (``truncate=True``; never for SigLIP). transformers' CLIP already pads to the
-longest prompt.
+sequence is cut there (``truncate=True``; never for SigLIP), with the classes grouped by prompt length
+(:meth:`PromptLearner.buckets`). For open_clip CLIP, the prefix ``[SOS] ctx_1..ctx_n`` is the same in every
+class prompt and, under the causal mask, its hidden states do not depend on what follows: it is run once
+per context and every class runs only its own tokens, attending to the prefix's keys and values
+(``share_prefix=True``; open_clip's standard blocks only, else the full forward).
 
 CoOp context files (:func:`load_context_vectors`): a ``.safetensors`` file with a tensor ``ctx``, or a
 ``torch.save`` file read with ``torch.load(weights_only=True)`` holding an ``n x width`` tensor, a dict
@@ -153,6 +156,7 @@ class OpenClipTextPath(TextPath):
         self.attn_mask = getattr(tower, "attn_mask", None)
         self.can_truncate = self.attn_mask is not None and self.pool_type in ("argmax", "eos")
         self.width = int(tower.token_embedding.weight.shape[1])
+        self.can_share_prefix = self.can_truncate and _plain_blocks(tower.transformer)
 
     def tokenize(self, texts):
         return self.backbone.tokenize(texts), {}
@@ -201,6 +205,100 @@ class OpenClipTextPath(TextPath):
         elif proj is not None:
             x = x @ proj
         return x
+
+    # -- the shared prefix: [SOS] ctx_1..ctx_n is the same for every class prompt of one context, and under a
+    # causal mask its hidden states depend on nothing after it, so they (and their keys and values) are
+    # computed once per context and attended to by every class's suffix.
+    def prefix_states(self, ctx: torch.Tensor, head_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, the keys and values (``B x heads x p x head_dim``) of the prefix ``head_ids`` + ``ctx``
+        (the start token(s) every prompt begins with, then the context; ``p = len(head_ids) + n``) for
+        contexts ``B x n x W``."""
+        tower = self.tower
+        b, n = ctx.shape[0], ctx.shape[1]
+        start = len(head_ids)
+        first = head_ids.to(ctx.device).expand(b, start)
+        x = torch.cat([tower.token_embedding(first), ctx.to(tower.token_embedding.weight.dtype)], dim=1)
+        p = start + n
+        x = x + tower.positional_embedding[:p].to(x.dtype)
+        causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+        out = []
+        for block in tower.transformer.resblocks:
+            h = block.ln_1(x)
+            q, k, v = _qkv(block.attn, h)
+            out.append((k, v))
+            x = x + block.ls_1(_attend(block.attn, q, k, v, causal))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return out
+
+    def encode_suffix(self, ids: torch.Tensor, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Features (``B x C x D``) of the class prompts ``ids`` (``C x L``) whose first ``p`` tokens are the
+        prefix of :meth:`prefix_states` (one per context), computing only positions ``p .. L``."""
+        tower = self.tower
+        k0 = prefix[0][0]
+        b, p = k0.shape[0], k0.shape[2]
+        c, length = ids.shape
+        s = length - p
+        x = tower.token_embedding(ids[:, p:]) + tower.positional_embedding[p:length].to(k0.dtype)
+        x = x.unsqueeze(0).expand(b, c, s, x.shape[-1])
+        allowed = torch.ones(s, p + s, dtype=torch.bool, device=x.device)
+        allowed[:, p:] = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        for block, (kp, vp) in zip(tower.transformer.resblocks, prefix):
+            h = block.ln_1(x)
+            q, k, v = _qkv(block.attn, h.reshape(b * c, s, -1))
+            heads, dh = kp.shape[1], kp.shape[3]
+            q, k, v = (t.reshape(b, c, heads, s, dh) for t in (q, k, v))
+            k = torch.cat([kp.unsqueeze(1).expand(b, c, heads, p, dh), k], dim=3)
+            v = torch.cat([vp.unsqueeze(1).expand(b, c, heads, p, dh), v], dim=3)
+            x = x + block.ls_1(_attend(block.attn, q, k, v, allowed))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = tower.ln_final(x)
+        pos = self.pool_positions(ids) - p
+        x = x[:, torch.arange(c, device=x.device), pos.to(x.device)]
+        proj = getattr(tower, "text_projection", None)
+        if isinstance(proj, torch.nn.Module):
+            x = proj(x)
+        elif proj is not None:
+            x = x @ proj
+        return x
+
+
+def _plain_blocks(transformer) -> bool:
+    """Whether every block is open_clip's standard pre-norm block with a plain ``nn.MultiheadAttention``
+    (what :meth:`OpenClipTextPath.encode_suffix` re-implements); anything else uses the full forward."""
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not hasattr(transformer, "batch_first") or not transformer.batch_first:
+        return False
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if not (
+            type(block).__name__ == "ResidualAttentionBlock"
+            and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, torch.nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and not attn.add_zero_attn
+            and all(hasattr(block, a) for a in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"))
+        ):
+            return False
+    return True
+
+
+def _qkv(attn: torch.nn.MultiheadAttention, x: torch.Tensor):
+    """Queries, keys and values (``... x heads x L x head_dim``) of ``x`` (``... x L x W``)."""
+    q, k, v = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    heads = attn.num_heads
+
+    def split(t):
+        return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-3, -2)
+
+    return split(q), split(k), split(v)
+
+
+def _attend(attn: torch.nn.MultiheadAttention, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s output (``... x L x W``) for split queries, keys and values."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    out = out.transpose(-3, -2).flatten(-2)
+    return attn.out_proj(out)
 
 
 class HFTextPath(TextPath):
@@ -298,6 +396,7 @@ class PromptLearner:
         n_ctx: int | None = None,
         truncate: bool = True,
         seed: int = 0,
+        share_prefix: bool = True,
     ) -> None:
         self.backbone = backbone
         self.path = text_path(backbone)
@@ -359,6 +458,7 @@ class PromptLearner:
                 ctx0 = torch.randn(n, self.path.width, generator=gen) * 0.02
         self.ctx_init = ctx0.detach().to(device, torch.float32).clone()
         self.truncate = bool(truncate)
+        self.share_prefix = bool(share_prefix)
         #: tokens each class prompt needs (up to its pooled EOS) where cutting there is exact, else the full length
         pool = self.path.pool_positions(self.ids) if self.path.can_truncate else None
         self.lengths = (
@@ -437,8 +537,15 @@ class PromptLearner:
         index = self._index(classes)
         b = ctxb.shape[0]
         parts, covered = [], []
+        prefix = None
+        if self.share_prefix and getattr(self.path, "can_share_prefix", False):
+            prefix = self.path.prefix_states(ctxb, self.ids[0, : self.start])
         for sub, length in self.buckets(index):
             dev = sub.to(self.ids.device)
+            if prefix is not None:
+                parts.append(self.path.encode_suffix(self.ids[dev, :length], prefix).float())
+                covered.append(sub)
+                continue
             ids = self.ids[dev, :length].repeat(b, 1)
             extra = {k: v[dev, :length].repeat(b, 1) for k, v in self.extra.items()}
             c = len(sub)
