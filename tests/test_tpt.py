@@ -207,3 +207,11 @@ def test_hf_clip_fast_path_equals_reference_computation():
     ref = vlm_tta.classify(views, NAMES, method="tpt", reference_compute=True, **opts)
     fast = vlm_tta.classify(views, NAMES, method="tpt", class_chunk=5, **opts)
     np.testing.assert_allclose(fast.logits, ref.logits, atol=1e-5)
+
+
+def test_augmix_preset_runs_on_images(model):
+    images = [np.random.RandomState(7).randint(0, 255, (40, 48, 3)).astype(np.uint8)]
+    res = vlm_tta.classify(
+        images, NAMES, method="tpt", preset="dtd", n_views=16, selection_p=0.25, model=model, cache=False
+    )
+    assert "augmix" in res.info["view_set"] and res.info["tpt"]["images"] == 1
