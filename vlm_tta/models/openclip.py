@@ -191,6 +191,61 @@ class OpenClipModel(TorchBackbone):
         self.kind = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
         self._embed_dim = self._infer_embed_dim()
 
+    @classmethod
+    def from_openai_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
+        *,
+        quick_gelu: bool = True,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        name: str | None = None,
+        device=None,
+        precision: str | None = None,
+    ) -> "OpenClipModel":
+        """A CLIP saved in OpenAI's state-dict format (what OpenAI's ``clip.load`` and TPT's code load:
+        keys ``visual.*``, ``transformer.resblocks.*``, ``token_embedding.weight``, ``positional_embedding``,
+        ``text_projection``, ``logit_scale``), built through open_clip's
+        ``open_clip.model.build_model_from_openai_state_dict`` and wrapped like :func:`from_open_clip`.
+
+        ``state_dict`` is the dict itself or a file: ``.safetensors``, a ``torch.save`` file (read with
+        ``torch.load(weights_only=True)``), or OpenAI's TorchScript archive (``ViT-B-16.pt``, read with
+        ``torch.jit.load`` and converted with ``.state_dict()``). The architecture (ViT or ResNet, widths,
+        layers, image and context size) is read from the tensor shapes; ``quick_gelu=True`` as OpenAI
+        trained. The weights are kept in fp32 exactly as given (open_clip's builder rounds them to fp16; they
+        are loaded again in full precision afterwards). The tokenizer defaults to open_clip's
+        ``SimpleTokenizer`` (OpenAI's BPE) at the model's context length; preprocessing is OpenAI's (bicubic
+        resize of the shorter side, centre crop, CLIP mean/std) at the model's image size. Example::
+
+            sd = torch.jit.load("ViT-B-16.pt", map_location="cpu").state_dict()
+            model = OpenClipModel.from_openai_state_dict(sd)
+        """
+        from open_clip.model import build_model_from_openai_state_dict
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if not isinstance(state_dict, Mapping):
+            state_dict = _read_openai_state_dict(state_dict)
+        sd = {k: v for k, v in state_dict.items()}
+        missing = [k for k in ("text_projection", "positional_embedding", "token_embedding.weight") if k not in sd]
+        if missing:
+            raise ModelSpecError(
+                f"not an OpenAI-format CLIP state dict (missing {', '.join(missing)}); open_clip checkpoints load "
+                "with vlm_tta.load_model(name, pretrained=path)"
+            )
+        try:
+            with _quiet_open_clip():
+                model = build_model_from_openai_state_dict(dict(sd), quick_gelu=quick_gelu, cast_dtype=torch.float32)
+            model.float()
+            extra = {k for k in ("input_resolution", "context_length", "vocab_size") if k in sd}
+            model.load_state_dict({k: v for k, v in sd.items() if k not in extra}, strict=True)
+        except Exception as err:
+            raise ModelSpecError(
+                f"open_clip could not build a CLIP from this OpenAI-format state dict ({type(err).__name__}: {err})"
+            ) from err
+        if tokenizer is None:
+            tokenizer = SimpleTokenizer(context_length=int(sd["positional_embedding"].shape[0]))
+        name = name or "open_clip:openai-state-dict"
+        return cls(model, tokenizer, None, name=name, device=device, precision=precision)
+
     # -- hooks for later model-level methods
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids (N x context_length) on ``device``."""
@@ -227,6 +282,32 @@ class OpenClipModel(TorchBackbone):
         if isinstance(dim, int):
             return dim
         return int(self.encode_texts(["a"], normalize=False).shape[1])
+
+
+def _read_openai_state_dict(path: str | os.PathLike) -> dict:
+    """An OpenAI-format state dict from a file (safetensors, torch.save with weights_only, or TorchScript)."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ModelSpecError(f"state-dict file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        try:  # OpenAI's released .pt files are TorchScript archives
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            raise ModelSpecError(
+                f"could not read {path} as a state dict (torch.load(weights_only=True): {type(err).__name__}) nor as "
+                "a TorchScript archive; re-save it with torch.save(model.state_dict(), ...) or safetensors"
+            ) from err
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"{path} does not hold a state dict (got {type(data).__name__})")
+    return data
 
 
 def from_open_clip(
