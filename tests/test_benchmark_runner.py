@@ -57,6 +57,18 @@ def test_built_in_suites_parse_and_name_their_protocols():
     assert load_suite("noisy_tta").protocol == "ntta"
 
 
+def test_suite_views_and_presets_reach_the_methods_that_take_them():
+    from vlm_tta.benchmark.runner import options_for
+
+    ns, cd = load_suite("natural_shift"), load_suite("cross_dataset")
+    (tpt, dmn, zero, difftpt) = parse_methods("tpt,dmn,zero,difftpt")
+    assert options_for(tpt, ns.datasets[1]) == {"view_recipe": "crop_flip", "preset": "imagenet_a"}
+    assert options_for(difftpt, cd.datasets[0])["view_recipe"] == "augmix"
+    assert options_for(parse_methods("tpt[view_recipe=augmix]")[0], ns.datasets[0])["view_recipe"] == "augmix"
+    assert "view_recipe" not in options_for(dmn, ns.datasets[0])  # DMN keeps its own (crop_flip_dmn) views
+    assert options_for(zero, ns.datasets[0]) == {}
+
+
 def test_bad_suites_are_reported(tmp_path):
     with pytest.raises(SuiteError, match="unknown suite 'natural_shfit'.*natural_shift"):
         load_suite("natural_shfit")

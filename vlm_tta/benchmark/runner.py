@@ -122,14 +122,16 @@ def _config_fields(name: str) -> set[str]:
 
 def options_for(spec: MethodSpec, dataset: DatasetSpec) -> dict:
     """The spec's options plus what the suite decides for this dataset: ``preset`` = the dataset
-    (per-dataset settings, where the method has them) and ``views`` = the suite's view recipe, for
-    methods with those options that the user did not set."""
-    from ..methods import create_method
+    (per-dataset settings, where the method has them) and the suite's view recipe for methods that
+    take it (:attr:`~vlm_tta.methods.Method.suite_view_option`: TPT, DiffTPT), for options the user
+    did not set."""
+    from ..methods import create_method, get_method_class
 
     opts = dict(spec.options)
     fields = _config_fields(spec.name)
-    if "views" in fields and "views" not in opts and dataset.views:
-        opts["views"] = dataset.views
+    view_option = get_method_class(spec.name).suite_view_option
+    if view_option and view_option not in opts and dataset.views:
+        opts[view_option] = dataset.views
     if "preset" in fields and "preset" not in opts:
         try:
             create_method(spec.name, **{**opts, "preset": dataset.name})

@@ -1,6 +1,6 @@
 """Test-time methods and their registry. Importing this package registers every built-in method."""
 
-from . import adand, dmn, sts, subtta, tca, tda, tpt, zero, zeroshot  # noqa: F401  (each module registers its method)
+from . import adand, difftpt, dmn, sts, subtta, tca, tda, tpt, zero, zeroshot  # noqa: F401  (each module registers its method)
 from .base import (
     Method,
     MethodContext,

@@ -106,6 +106,10 @@ class Method:
     #: the prompt template set the method uses when the caller names none (``sts_ensemble``: ``clip7``);
     #: None means the toolkit's default (``single``).
     default_templates: ClassVar[str | None] = None
+    #: the option a benchmark suite's per-dataset ``views`` sets (TPT and DiffTPT: ``view_recipe``, as
+    #: their reference picks crops+flips or AugMix by dataset); None: the method keeps its own views
+    #: (DMN, TDA, ZERO, STS follow their own references whatever the suite says)
+    suite_view_option: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None:

@@ -8,7 +8,8 @@ resized and centre-cropped with the backbone's own preprocessing: 128 views, in 
 filter drops the views that disagree most with the original, then TPT's entropy selection keeps the
 most confident of the rest, and TPT's marginal-entropy loss tunes the prompt (4 AdamW steps at 5e-3
 in DiffTPT's scripts, the selection fixed after step 1). This module holds the pool and the filters as
-pure, batched functions; the method class is assembled on top of TPT.
+pure, batched functions; the method (``method="difftpt"``, :class:`DiffTPT`) is TPT's
+:class:`~vlm_tta.methods.tpt.PromptTuner` with this pool and this selection.
 
 The filters, in two named modes:
 
@@ -36,20 +37,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..diffusion import (
+    DEFAULT_MODEL,
+    DEFAULT_REVISION,
+    DiffusionWeightsError,
+    GenerationsMissingError,
+    ImageVariations,
+    VariationSettings,
+)
 from ..errors import MethodOptionError, VlmTtaError
 from ..features import LazyImage
 from ..views import ViewSet
-from .common import confident_views, gather_views, n_confident
+from .base import MethodContext, Prediction, register_method
+from .common import check_int, check_number, confident_views, gather_views, n_confident, resolve_preset
+from .tpt import DEFAULT_PRESET, PRESETS, TPT, PromptTuner
+
+if TYPE_CHECKING:
+    from ..features import Sample
 
 __all__ = [
     "COSINE_FRACTION",
+    "DiffTPT",
+    "DiffTPTConfig",
     "ENTROPY_FRACTION",
     "FILTER_MODES",
     "N_CONVENTIONAL",
@@ -221,3 +237,263 @@ def select_views(
     kept = torch.cat([original, passed], dim=-1)
     order = confident_views(gather_views(logits, kept), entropy_fraction)
     return PoolSelection(cosine=passed, kept=kept, selected=torch.gather(kept, -1, order))
+
+
+# ------------------------------------------------------------------------------------ the method
+
+
+@dataclass
+class DiffTPTConfig:
+    """DiffTPT's defaults (chunmeifeng/DiffTPT scripts: ``-b 64 --ctx_init a_photo_of_a --tpt --aug_mode
+    difftpt --selection_cosine 0.8 --selection_selfentro 0.3 --lr 5e-3 --tta_steps 4``)."""
+
+    #: dataset whose conventional views to use (TPT's: ``crop_flip`` for the ImageNet family, ``augmix``
+    #: for the fine-grained sets; a vlm_tta.data name or alias); None = ImageNet's
+    preset: str | None = None
+    view_recipe: str | None = None  # None: the preset's
+    n_conventional: int = N_CONVENTIONAL  # conventional views besides the original (-b 64)
+    view_seed: int = 0
+    filter_mode: str = "code"  # "code" (cosine of logits, all views; the default) or "paper" (see the module doc)
+    cosine_fraction: float = COSINE_FRACTION  # --selection_cosine 0.8
+    entropy_fraction: float = ENTROPY_FRACTION  # --selection_selfentro 0.3
+    tta_steps: int = 4  # DiffTPT scripts: --tta_steps 4 (the selection is fixed after step 1)
+    lr: float = 5e-3  # --lr 5e-3 (AdamW, torch defaults otherwise)
+    weight_decay: float = 0.01  # torch's AdamW default, as the reference uses it
+    ctx_init: str | None = "a photo of a"  # --ctx_init a_photo_of_a; None: a random context of n_ctx vectors
+    n_ctx: int | None = None
+    coop_ctx: str | None = None  # a CoOp context file (DiffTPT + CoOp)
+    ctx_seed: int = 0
+    #: the reference's computation: every forward re-encodes all 128 views, full-length text, one image at a time
+    reference_compute: bool = False
+    image_batch: int | None = None  # images adapted at once (independent problems); None: as TPT
+    class_chunk: int | None = None  # classes per text forward (exact gradient accumulation)
+    # -- the image variations (vlm_tta.diffusion); they enter the generation cache key
+    #: a hub id, a local diffusers folder, a StableDiffusionImageVariationPipeline or an ImageVariations
+    diffusion: Any = DEFAULT_MODEL
+    revision: str | None = DEFAULT_REVISION
+    n_generated: int = N_GENERATED  # the loader reads batch_size - 1 = 63 generations per image
+    diffusion_steps: int = 50  # diffusers' default num_inference_steps
+    guidance_scale: float = 3.0  # the generator's pipe(images, guidance_scale=3)
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the checkpoint's own
+    height: int = 512
+    width: int = 512
+    generation_seed: int = 0
+    jpeg_quality: int | None = 75  # the reference saves .jpg and reads them back
+    store_size: int | None = 224  # shorter side stored; None: as generated (see vlm_tta.diffusion)
+    #: make the generations that are not in the cache (needs the pipeline's weights); False: cache only
+    generate: bool = True
+    generation_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_int("n_conventional", self.n_conventional, 1)
+        check_int("n_generated", self.n_generated, 1)
+        _check_mode(self.filter_mode)
+        for name in ("cosine_fraction", "entropy_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise MethodOptionError(f"{name} must be in (0, 1]; got {value!r}")
+        pool = 1 + self.n_conventional + self.n_generated
+        n_confident(pool - 1, self.cosine_fraction)  # a selection that would keep nothing is refused here
+        check_int("tta_steps", self.tta_steps, 1)
+        check_number("lr", self.lr)
+        check_number("weight_decay", self.weight_decay)
+        if self.n_ctx is not None:
+            check_int("n_ctx", self.n_ctx, 1)
+        if self.ctx_init is None and self.coop_ctx is None and self.n_ctx is None:
+            raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
+        for name in ("image_batch", "class_chunk"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.reference_compute and (self.image_batch not in (None, 1) or self.class_chunk is not None):
+            raise MethodOptionError(
+                "reference_compute=True runs the reference's computation (one image at a time, all classes at "
+                "once): leave image_batch and class_chunk unset"
+            )
+        check_int("generation_batch_size", self.generation_batch_size, 1)
+        self.conventional()  # validates the preset and the recipe
+        if not isinstance(self.diffusion, ImageVariations):
+            self.settings()  # validates the generation settings
+
+    def conventional(self) -> ViewSet:
+        recipe = self.view_recipe or resolve_preset(PRESETS, self.preset, DEFAULT_PRESET, "DiffTPT")["views"]
+        return conventional_view_set(recipe, self.view_seed, self.n_conventional)
+
+    def settings(self) -> VariationSettings:
+        return VariationSettings(
+            count=self.n_generated,
+            steps=self.diffusion_steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            scheduler=self.scheduler,
+            seed=self.generation_seed,
+            jpeg_quality=self.jpeg_quality,
+            store_size=self.store_size,
+        )
+
+    @property
+    def selection_p(self) -> float:  # what TPT's setup reads; DiffTPT selects with its own rule
+        return self.entropy_fraction
+
+
+@register_method("difftpt")
+class DiffTPT(TPT):
+    """DiffTPT (Feng et al., ICCV 2023): TPT over the original, 64 conventional views and 63 Stable
+    Diffusion image variations, with a cosine filter before TPT's entropy selection.
+
+    Per image (episodic): the pool's embeddings (conventional views through the shared cache; the
+    generations read from the cache, made first when missing and weights are available); logits of all
+    128 views with the current context; at step 1, :func:`select_views` (cosine filter, the original in
+    front, the lowest-entropy ``entropy_fraction`` of those), kept for the later steps; TPT's
+    marginal-entropy loss; ``tta_steps`` AdamW steps; the original view's logits with the tuned context.
+    Caller-given view tensors (``N x 128 x 3 x H x W``: the original, the conventional views, then the
+    generated ones, preprocessed) are used as given, so no generation is needed.
+    """
+
+    config_class = DiffTPTConfig
+
+    def view_set(self) -> ViewSet:
+        return self.config.conventional()
+
+    def pool_set(self) -> ViewSet:
+        """The whole pool as one view set: what caller-given view tensors must hold (128 views)."""
+        conv = self.view_set()
+        return ViewSet(conv.recipe, conv.n_views + self.n_generated, conv.seed)
+
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
+        cfg = self.config
+        if isinstance(cfg.diffusion, ImageVariations):
+            self.variations = cfg.diffusion
+        else:
+            store = ctx.store
+            self.variations = ImageVariations(
+                cfg.diffusion,
+                revision=cfg.revision,
+                settings=cfg.settings(),
+                cache=store.cache if store is not None else True,
+                batch_size=cfg.generation_batch_size,
+                exif_transpose=store.exif_transpose if store is not None else True,
+            )
+        self.n_generated = self.variations.settings.count
+        if cfg.filter_mode == "paper":
+            n_confident(self.n_generated, cfg.cosine_fraction)
+        # Weights are needed only for generations that are not in the cache: note now whether they are
+        # here, and fail at the first image whose generations are missing, before adapting anything.
+        self._weights_error: DiffusionWeightsError | None = None
+        if cfg.generate:
+            try:
+                self.variations.check_available()
+            except DiffusionWeightsError as err:
+                self._weights_error = err
+        self.generated_images = 0
+
+    # -- the pool
+    def _ensure_generations(self, samples: Sequence[Sample]) -> None:
+        with_pixels = [s for s in samples if s.has_image]
+        missing = sorted({i for i, _ in self.variations.missing([s.image_hash for s in with_pixels])})
+        if not missing:
+            return
+        if not self.config.generate or self._weights_error is not None:
+            why = (
+                f"the pipeline's weights are not available ({self._weights_error})"
+                if self._weights_error is not None
+                else "generate=False (cache only)"
+            )
+            raise GenerationsMissingError(
+                f"DiffTPT: the image variations of {len(missing)} image(s) are not in the cache at "
+                f"{self.variations.cache.directory} and {why}. Make them first with `vlm-tta generate` (the same "
+                "--diffusion and generation settings, and the same --cache-dir), or give DiffTPT the pipeline: "
+                "diffusion=<hub id or local diffusers folder>."
+            )
+        todo = [with_pixels[i] for i in missing]
+        report = self.variations.generate([s.image for s in todo], image_hashes=[s.image_hash for s in todo])
+        self.generated_images += report.images_generated
+
+    def _pool_features(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """``B x (1 + C + G) x D`` L2-normalised pool embeddings, through the shared cache."""
+        from ..features import batch_view_features
+
+        given = [not s.has_image for s in samples]
+        if all(given):
+            return batch_view_features(samples, self.pool_set())
+        if any(given):
+            raise MethodOptionError(
+                "DiffTPT got images and preprocessed view tensors in one batch: give one kind per call"
+            )
+        self._ensure_generations(samples)
+        conventional = batch_view_features(samples, self.view_set())
+        generated = generated_view_features(
+            samples[0].store, self.variations, [s.image_hash for s in samples], normalize=True
+        )
+        return assemble_pool(conventional, generated)
+
+    def _selector(self, features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        cfg = self.config
+
+        def select(logits: torch.Tensor) -> torch.Tensor:
+            return select_views(
+                logits,
+                cfg.cosine_fraction,
+                cfg.entropy_fraction,
+                cfg.filter_mode,
+                features=features.to(logits.device) if cfg.filter_mode == "paper" else None,
+                n_generated=self.n_generated,
+            ).selected
+
+        return select
+
+    def _tuner(self, features: torch.Tensor) -> PromptTuner:
+        cfg = self.config
+        model = self.ctx.model
+        return PromptTuner(
+            self.learner,
+            model.logit_scale,
+            model.logit_bias,
+            steps=cfg.tta_steps,
+            lr=cfg.lr,
+            select=self._selector(features),
+            class_chunk=cfg.class_chunk,
+            weight_decay=cfg.weight_decay,
+            autocast=model.autocast,
+        )
+
+    def predict_samples(self, samples: Sequence[Sample]) -> list[Prediction]:
+        out: list[Prediction] = []
+        step = 1 if self.config.reference_compute else self.image_batch()
+        for start in range(0, len(samples), step):
+            chunk = samples[start : start + step]
+            feats = self._pool_features(chunk)
+            if self.config.reference_compute:
+                out.extend(self._predict(self._tuner(feats).tune(self._reference_pool(chunk[0]))))
+            else:
+                out.extend(self._predict(self._tuner(feats).tune(feats)))
+        return out
+
+    def _predict(self, result) -> list[Prediction]:
+        self.last_selected = result.selected  # B x k pool indices of the loss's views (for comparisons)
+        return super()._predict(result)
+
+    def _reference_pool(self, sample: Sample) -> Callable[[bool], torch.Tensor]:
+        """The reference's image path: every call runs the image encoder on the pool's pixels."""
+        model = self.ctx.model
+        if sample.has_image:
+            gens = self.variations.load([sample.image_hash])[0]
+            pixels = torch.cat([sample.views(self.view_set()), generated_views(model, gens)])
+        else:
+            pixels = sample.views(self.pool_set())
+
+        def encode(original_only: bool) -> torch.Tensor:
+            return model.encode_images(pixels[:1] if original_only else pixels, normalize=True).unsqueeze(0)
+
+        return encode
+
+    def run_info(self) -> dict:
+        return {
+            "difftpt": {
+                "images": getattr(self, "images_tuned", 0),
+                "generated_images": getattr(self, "generated_images", 0),
+                "filter_mode": self.config.filter_mode,
+                "reference_compute": self.config.reference_compute,
+            }
+        }

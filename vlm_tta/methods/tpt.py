@@ -302,6 +302,7 @@ class TPT(Method):
     config_class = TPTConfig
     episodic = True
     needs_pixels = True
+    suite_view_option = "view_recipe"
 
     def view_set(self) -> ViewSet:
         return self.config.views()
