@@ -98,7 +98,7 @@ def test_batched_images_and_reference_compute_equal_one_at_a_time(model):
     many = vlm_tta.classify(pool, NAMES, method=create_method("difftpt", image_batch=3), model=model, cache=False)
     ref = vlm_tta.classify(pool, NAMES, method=create_method("difftpt", reference_compute=True), model=model,
                            cache=False)  # fmt: skip
-    np.testing.assert_allclose(many.logits, one.logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(many.logits, one.logits, atol=1e-4, rtol=0)  # 4 Adam steps amplify rounding
     np.testing.assert_allclose(ref.logits, one.logits, atol=1e-4, rtol=0)
     assert (one.logits.argmax(1) == ref.logits.argmax(1)).all()
     # nothing is carried between images: the same image twice gives the same answer
