@@ -388,6 +388,7 @@ class Runner:
         return {"passes": len(mine), "jobs": sum(len(p.jobs) for p in mine), "already_done": before, "ran": ran}
 
     def _feature_store(self):
+        from ..api import DEFAULT_PREFETCH
         from ..cache import as_cache
         from ..features import FeatureStore
         from ..views import default_num_workers
@@ -395,7 +396,11 @@ class Runner:
         if self._features is None:
             workers = default_num_workers() if self.num_workers is None else self.num_workers
             self._features = FeatureStore(
-                self.model, as_cache(self.cache), encode_batch_size=self.batch_size, num_workers=workers
+                self.model,
+                as_cache(self.cache),
+                encode_batch_size=self.batch_size,
+                num_workers=workers,
+                prefetch=DEFAULT_PREFETCH,  # views made ahead of the encoder (bit-identical results)
             )
         return self._features
 
