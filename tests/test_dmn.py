@@ -307,3 +307,16 @@ def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
 
 def test_cli_lists_every_option_with_its_default(capsys):
     check_cli_lists_options("dmn", capsys)
+
+
+def test_cache_sized_blocks_give_the_bits_of_one_pass(monkeypatch):
+    """The exact speed-up: pseudo-labels in blocks of images (common.blockwise) equal one pass."""
+    import vlm_tta.methods.common as common
+
+    views, classes, _ = synthetic_stream(24, 50, 16, 32, seed=3)
+    m = _setup(classes, 100.0)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = m.pseudo_labels(views)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 32 * 50 * 5)  # blocks of 5 images
+    blocked = m.pseudo_labels(views)
+    assert blocked.keys() == whole.keys() and all(torch.equal(blocked[k], whole[k]) for k in whole)

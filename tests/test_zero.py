@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from feature_method_checks import check_cli_lists_options, end_to_end
+from feature_method_checks import check_cli_lists_options, end_to_end, synthetic_stream
 
 from vlm_tta.errors import FeatureError, MethodOptionError
 from vlm_tta.methods import MethodContext, create_method
@@ -123,3 +123,17 @@ def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
 
 def test_cli_lists_every_option_with_its_default(capsys):
     check_cli_lists_options("zero", capsys)
+
+
+def test_cache_sized_blocks_give_the_bits_of_one_pass(monkeypatch):
+    """The exact speed-up: per-image work in blocks of images (common.blockwise) equals one pass."""
+    import vlm_tta.methods.common as common
+
+    views, classes, _ = synthetic_stream(24, 50, 16, 64, seed=3)
+    m = create_method("zero")
+    m.setup(MethodContext(classes, 100.0))
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = torch.stack([p.logits for p in m.predict_batch(views)])
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 64 * 50 * 5)  # blocks of 5 images
+    blocked = torch.stack([p.logits for p in m.predict_batch(views)])
+    assert torch.equal(blocked, whole)

@@ -9,6 +9,8 @@
   memory read-out);
 * :func:`probs_to_logits` — logits whose softmax is a given (unnormalised) probability vector, for
   methods whose output is a sum of probabilities or a vote count (DMN, ZERO);
+* :func:`blockwise` — per-image work over a batch in cache-sized blocks of images (the same bits,
+  several times faster than one pass over an ``N x V x C`` tensor that does not fit in a core's cache);
 * :func:`check_view_features` — the N x V x D input check every feature-level method shares;
   :func:`check_choice`, :func:`check_int`, :func:`check_number` — option checks for config classes;
 * :class:`KeyStore` — keys written one at a time by an online method, read by a batch of queries in
@@ -29,7 +31,7 @@ as the loss is the *sum* of the per-image losses.)
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +83,14 @@ def lowest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def gather_views(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (``... x k``) of ``x`` (``... x V x F``) along the view dimension -> ``... x k x F``."""
+    """Rows ``index`` (``... x k``) of ``x`` (``... x V x F``) along the view dimension -> ``... x k x F``.
+
+    A contiguous ``x`` is read with one ``index_select`` of whole rows (a copy, so the same values as
+    ``torch.gather``, ~5x faster on the CPU)."""
+    *lead, v, f = x.shape
+    if x.is_contiguous() and tuple(lead) == tuple(index.shape[:-1]):
+        offsets = torch.arange(0, math.prod(lead) * v, v, device=x.device).view(*lead, 1)
+        return x.view(-1, f).index_select(0, (index + offsets).flatten()).view(*index.shape, f)
     return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
@@ -108,6 +117,35 @@ def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
     whose output is a sum of probabilities (DMN) or of votes (ZERO); the argmax is unchanged."""
     p = probs / probs.sum(-1, keepdim=True)
     return torch.log(p).clamp(min=torch.finfo(p.dtype).min)
+
+
+#: Elements (fp32) of per-image work that :func:`blockwise` hands over at once: 2^18 = 1 MiB, which
+#: stays in a core's L2 cache through a chain of element-wise operations and row reductions.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def blockwise(fn: Callable[..., Any], *tensors: torch.Tensor, per_image: int, elements: int | None = None) -> Any:
+    """``fn(*tensors)`` computed on blocks of images and concatenated: an exact speed-up for work
+    that treats every image (the first dimension) on its own, as the per-view softmax, entropies,
+    view selection and votes of the feature-level methods do.
+
+    The operations in such a chain give the same bits for a row whatever the number of rows, so
+    the result is identical to one call on the whole batch; but over a whole ``N x V x C`` batch
+    (64 images x 64 views x 1,000 classes = 16 MiB) every operation streams through main memory,
+    while a block of ``elements // per_image`` images stays in the cache (3-4x faster on the CPU).
+    ``per_image``: the elements of the largest per-image intermediate (e.g. ``V * C``).
+    ``fn`` returns a tensor, a tuple of tensors or a dict of tensors (concatenated along dim 0).
+    """
+    n = len(tensors[0])
+    step = max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(1, per_image))
+    if step >= n or tensors[0].device.type != "cpu":
+        return fn(*tensors)
+    outs = [fn(*(t[s : s + step] for t in tensors)) for s in range(0, n, step)]
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def check_view_features(features: torch.Tensor, n_views: int, method: str) -> torch.Tensor:

@@ -66,6 +66,7 @@ from .base import Method, MethodContext, Prediction, register_method
 from .common import (
     KeyStore,
     affinity,
+    blockwise,
     check_choice,
     check_int,
     check_number,
@@ -421,9 +422,13 @@ class DMN(Method):
     def pseudo_labels(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per image (vectorised): the text probabilities of every view, and the pseudo-label and
         entropy of the mean probability of the most confident views."""
-        cfg = self.config
-        probs = (self.ctx.logit_scale * features @ self.text_classifier.T).softmax(-1)  # N x V x C
-        keep = lowest(prob_entropy(probs, 1e-6), cfg.selection_p)
+        logits = self.ctx.logit_scale * features @ self.text_classifier.T  # N x V x C
+        return blockwise(self.pseudo_label_block, logits, per_image=logits.shape[1] * logits.shape[2])
+
+    def pseudo_label_block(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`pseudo_labels` of a block of images, given their views' logits (exact per image)."""
+        probs = logits.softmax(-1)
+        keep = lowest(prob_entropy(probs, 1e-6), self.config.selection_p)
         mean = gather_views(probs, keep).mean(1)
         return {"text": probs[:, 0], "label": mean.argmax(-1), "entropy": prob_entropy(mean, 1e-8)}
 

@@ -45,6 +45,7 @@ from .base import Method, Prediction, register_method
 from .common import (
     KeyStore,
     affinity,
+    blockwise,
     check_choice,
     check_int,
     check_number,
@@ -190,6 +191,14 @@ class TDA(Method):
         """What TDA keeps of each image (N x V x D -> per image): the feature, logits, entropy (nats),
         probability map and pseudo-label (``utils.get_clip_logits``); vectorised over images."""
         logits = self.ctx.logits(features)  # N x V x C
+        s = blockwise(self.summarize_block, features, logits, per_image=logits.shape[1] * logits.shape[2])
+        if self.config.renormalize:
+            s["feature"] = torch.nn.functional.normalize(s["feature"], dim=-1)
+        s["label"] = s["logits"].argmax(-1)
+        return s
+
+    def summarize_block(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`summarize_views` of a block of images, given their views' logits (exact per image)."""
         if features.shape[1] == 1:
             feat, out = features[:, 0], logits[:, 0]
             ent, prob = entropy(out), out.softmax(-1)
@@ -198,9 +207,7 @@ class TDA(Method):
             kept = gather_views(logits, keep)
             feat, out = gather_views(features, keep).mean(1), kept.mean(1)
             ent, prob = marginal_entropy(kept), kept.softmax(-1).mean(1)
-        if self.config.renormalize:
-            feat = torch.nn.functional.normalize(feat, dim=-1)
-        return {"feature": feat, "logits": out, "entropy": ent, "prob": prob, "label": out.argmax(-1)}
+        return {"feature": feat, "logits": out, "entropy": ent, "prob": prob}
 
     def normalized_entropy(self, ent: torch.Tensor) -> torch.Tensor:
         c = self.ctx.class_features.shape[0]

@@ -39,6 +39,7 @@ from ..errors import MethodOptionError
 from ..views import ViewSet
 from .base import Method, Prediction, register_method
 from .common import (
+    blockwise,
     check_choice,
     check_int,
     check_view_features,
@@ -86,11 +87,7 @@ class Zero(Method):
     def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
         features = check_view_features(features, self.config.n_views, self.name)
         cos = features @ self.ctx.class_features.T  # N x V x C, the reference's unscaled logits
-        probs = (cos / (1.0 / self.ctx.logit_scale)).softmax(-1)  # at the model's temperature
-        ent = -(probs * probs.log()).sum(-1) if self.config.underflow_ranks_last else prob_entropy(probs)
-        order = torch.argsort(ent, dim=-1, stable=True)  # most confident view first (NaN last)
-        k = n_confident(features.shape[1], self.config.gamma)
-        votes = self.break_ties(self.vote(gather_views(cos, order[:, :k])), cos, order[:, k:])
+        votes = blockwise(self.votes, cos, per_image=cos.shape[1] * cos.shape[2])  # exact, cache-sized blocks
         shares = votes / votes.sum(-1, keepdim=True)
         logits = probs_to_logits(votes)
         top = shares.max(-1).values.tolist()
@@ -98,6 +95,15 @@ class Zero(Method):
 
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]
+
+    def votes(self, cos: torch.Tensor) -> torch.Tensor:
+        """Votes per class (N x C) of images' view cosines (N x V x C): rank the views by entropy at
+        the model's temperature, let the ``int(gamma V)`` most confident vote, break ties."""
+        probs = (cos / (1.0 / self.ctx.logit_scale)).softmax(-1)  # at the model's temperature
+        ent = -(probs * probs.log()).sum(-1) if self.config.underflow_ranks_last else prob_entropy(probs)
+        order = torch.argsort(ent, dim=-1, stable=True)  # most confident view first (NaN last)
+        k = n_confident(cos.shape[1], self.config.gamma)
+        return self.break_ties(self.vote(gather_views(cos, order[:, :k])), cos, order[:, k:])
 
     def vote(self, kept: torch.Tensor) -> torch.Tensor:
         """Votes per class (N x C) of the kept views' cosines (N x k x C)."""
