@@ -113,3 +113,43 @@ def test_blockwise_gives_the_bits_of_one_pass():
         assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole)
         pair = blockwise(lambda x: (chain(x)["ent"], x[:, 0]), logits, per_image=16 * 50, elements=elements)
         assert torch.equal(pair[0], whole["ent"]) and torch.equal(pair[1], logits[:, 0])
+
+
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_keystore_versions_equal_reading_each_query_after_its_writes(inclusive):
+    """Writes first, one batched read: every query sees the rows as a loop would have seen them
+    (written at a clock <= i, or < i), including rows added and overwritten within the batch."""
+    g = torch.Generator().manual_seed(1)
+    store = KeyStore(4, value_dim=3, capacity=2)
+    for i in range(3):
+        store.add(torch.randn(4, generator=g), i, torch.randn(3, generator=g))
+    queries = torch.randn(6, 4, generator=g)
+    writes = {0: [("set", 1)], 1: [("add", 7)], 2: [("set", 1), ("set", 3)], 4: [("set", 3)], 5: [("add", 8)]}
+    expected = []
+    store.begin(queries, versions=True)
+    snapshot = KeyStore(4, value_dim=3)  # a plain copy, written and read in a loop
+    for r in range(3):
+        snapshot.add(store.keys[r], int(store.tags[r]), store.values[r])
+    for i in range(6):
+        if not inclusive:
+            expected.append((snapshot.keys[: snapshot.n] @ queries[i], snapshot.values[: snapshot.n].clone()))
+        store.clock = i
+        for op, arg in writes.get(i, []):
+            key, value = torch.randn(4, generator=g), torch.randn(3, generator=g)
+            if op == "set":
+                store.set(arg, key, value)
+                snapshot.set(arg, key, value)
+            else:
+                store.add(key, arg, value)
+                snapshot.add(key, arg, value)
+        if inclusive:
+            expected.append((snapshot.keys[: snapshot.n] @ queries[i], snapshot.values[: snapshot.n].clone()))
+    sims, rows, visible, values = store.versions(inclusive)
+    for i, (s, v) in enumerate(expected):
+        assert int(visible[i].sum()) == len(s)  # one visible version per row that exists at that time
+        seen = rows[visible[i]]
+        assert sorted(seen.tolist()) == list(range(len(s)))
+        torch.testing.assert_close(sims[i][visible[i]], s[seen])  # each row's version at that time
+        torch.testing.assert_close(values[visible[i]], v[seen])
+    with pytest.raises(RuntimeError, match="versions=True"):
+        KeyStore(2).versions()

@@ -119,15 +119,19 @@ class Zero(Method):
         rows = (tied.sum(-1) > 1).nonzero().squeeze(1)
         if len(rows) == 0:
             return votes
-        tied, rest = tied[rows], gather_views(cos[rows], rest[rows])  # N_tied x (V-k) x C
+        tied, rest = tied[rows], rest[rows]  # R x C, R x (V-k)
         if rest.shape[1] == 0:  # no view left to ask (gamma = 1): the lowest tied class
             winner = tied.int().argmax(-1)
         else:
-            pred = rest.argmax(-1)  # R x (V-k): each remaining view's class
+            # each remaining view's class (R x (V-k)): the argmax of every view (max().indices: the same
+            # first maximal index as argmax, ~2x faster on the CPU), then the remaining views'
+            every = cos.max(-1).indices[rows] if 2 * len(rows) >= len(cos) else cos[rows].max(-1).indices
+            pred = every.gather(1, rest)
             hit = tied.gather(1, pred)  # does it name a tied class?
             winner = pred.gather(1, hit.int().argmax(1, keepdim=True)).squeeze(1)  # the first that does
             masked = tied.flip(-1) if self.config.tie_fallback == "reference" else ~tied
-            fallback = rest[:, 0].masked_fill(masked, float("-inf")).argmax(-1)
+            first = cos[rows, rest[:, 0]]  # R x C: the cosines of the first remaining view
+            fallback = first.masked_fill(masked, float("-inf")).argmax(-1)
             winner = torch.where(hit.any(1), winner, fallback)
         votes = votes.clone()
         votes[rows, winner] += 1
