@@ -466,10 +466,8 @@ class DMN(Method):
 
     def class_memory(self, cls: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ``cls``'s slots as they are now: keys (m x D, zero rows for empty slots) and Gram (m x m)."""
-        m = self.gram.shape[1]
-        rows = self.slot_row[cls, :m]
-        keys = self.store.keys.new_zeros(m, self.store.keys.shape[1])
-        keys[rows >= 0] = self.store.keys[rows[rows >= 0]]
+        rows = self.slot_row[cls, : self.gram.shape[1]]
+        keys = self.store.keys.index_select(0, rows.clamp(min=0)).mul_((rows >= 0).unsqueeze(1))  # keys finite
         return keys, self.gram[cls].clone()
 
     def write_and_read(self, queries: torch.Tensor, labels: list[int], ents: list[float]) -> torch.Tensor:
