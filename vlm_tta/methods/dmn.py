@@ -484,12 +484,17 @@ class DMN(Method):
         old: list[tuple[torch.Tensor, torch.Tensor]] = []
         old_cls, old_from, old_until = [], [], []
         written: dict[int, int] = {}  # class -> index of the image that wrote its current version
+        shift = 0 if inclusive else 1
         for i, q in enumerate(queries):
-            if self.write(q, labels[i], ents[i], before=old):
-                cls = labels[i]
-                old_cls.append(cls)
-                old_from.append(written.get(cls, -1))
-                old_until.append(i)
+            cls, n_old = labels[i], len(old)
+            since = written.get(cls, -1)
+            # keep the memory before this write only if some image reads it (i.e. not for the batch's
+            # first image when it writes before it reads)
+            if self.write(q, cls, ents[i], before=old if i + shift > max(0, since + shift) else None):
+                if len(old) > n_old:
+                    old_cls.append(cls)
+                    old_from.append(since)
+                    old_until.append(i)
                 written[cls] = i
         # the final memory, for every image and class
         n, (c, m) = self.store.n, self.gram.shape[:2]
@@ -503,7 +508,6 @@ class DMN(Method):
             keys = torch.stack([F.pad(k, (0, 0, 0, width - len(k))) for k, _ in old])  # E x w x D
             grams = torch.stack([F.pad(g, (0, width - len(g), 0, width - len(g))) for _, g in old])
             old_logits = gram_readout(torch.einsum("nd,esd->nes", queries, keys), grams, beta, scale)  # N x E
-            shift = 0 if inclusive else 1
             i = torch.arange(len(queries)).unsqueeze(1)
             visible = (i >= torch.tensor(old_from) + shift) & (i < torch.tensor(old_until) + shift)
             ii, ee = visible.nonzero(as_tuple=True)
