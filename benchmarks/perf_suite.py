@@ -387,7 +387,7 @@ def run_suite(args: argparse.Namespace, model: Any = None) -> dict:
             except Exception as e:  # noqa: BLE001
                 log(f"scaling {name} classes={c}: {type(e).__name__}: {e}")
                 continue
-            result["scaling"]["classes"].append(_scaling_row(name, "classes", c, run, base))
+            result["scaling"]["classes"].append(_scaling_row(name, options, "classes", c, run, base))
         if not has_option(name, "n_views"):
             continue
         for v in args.scale_views:
@@ -398,7 +398,7 @@ def run_suite(args: argparse.Namespace, model: Any = None) -> dict:
             except Exception as e:  # noqa: BLE001
                 log(f"scaling {name} views={v}: {type(e).__name__}: {e}")
                 continue
-            result["scaling"]["views"].append(_scaling_row(name, "views", v, run, base))
+            result["scaling"]["views"].append(_scaling_row(name, options, "views", v, run, base))
 
     # ---- feature-level methods on cached embeddings (bench_feature_methods.py), and the encoder
     if args.embedding_images:
@@ -407,9 +407,9 @@ def run_suite(args: argparse.Namespace, model: Any = None) -> dict:
     return result
 
 
-def _scaling_row(name: str, what: str, value: int, run: dict, base: dict) -> dict:
+def _scaling_row(name: str, options: dict, what: str, value: int, run: dict, base: dict) -> dict:
     return {
-        "method": name,
+        "method": name + "".join(f":{k}={v}" for k, v in options.items() if k != "n_views"),
         what: value,
         "latency_ms": run["latency_ms"],
         "images_per_s": run["images_per_s"],
