@@ -36,6 +36,7 @@ def test_quick_suite_writes_json_and_markdown(tiny_openclip, tmp_path):
         for state, run in m["runs"].items():
             assert run["images"] == 3 and run["images_per_s"] > 0 and run["peak_memory_mb"] > 0
             assert set(run["latency_ms"]) == {"median", "p90"} and run["ratio_to_zeroshot"] > 0
+            assert run["passes"] == 2  # method and zero-shot took turns twice; the fastest pass is kept
             hits = run["cache"]["view_hits"]
             assert (hits == 0) if state == "cold" else (hits == 3 and run["gmacs_per_image"] == 0)
     assert {(r["method"], r["classes"]) for r in data["scaling"]["classes"]} == {
