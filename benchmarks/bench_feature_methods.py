@@ -31,6 +31,7 @@ METHODS = [
     ("tda, ImageNet-A preset (64 views)", "tda", {"preset": "imagenet_a"}),
     ("dmn", "dmn", {}),
     ("zero", "zero", {}),
+    ("sts", "sts", {}),
 ]
 
 

@@ -307,3 +307,42 @@ def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
 
 def test_cli_lists_every_option_with_its_default(capsys):
     check_cli_lists_options("dmn", capsys)
+
+
+def test_cache_sized_blocks_give_the_bits_of_one_pass(monkeypatch):
+    """The exact speed-up: pseudo-labels in blocks of images (common.blockwise) equal one pass."""
+    import vlm_tta.methods.common as common
+
+    views, classes, _ = synthetic_stream(24, 50, 16, 32, seed=3)
+    m = _setup(classes, 100.0)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = m.pseudo_labels(views)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 32 * 50 * 5)  # blocks of 5 images
+    blocked = m.pseudo_labels(views)
+    assert blocked.keys() == whole.keys() and all(torch.equal(blocked[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("order", ["write_first", "predict_first"])
+def test_batched_read_equals_writing_and_reading_one_image_at_a_time(order):
+    """The exact speed-up: all of a batch's writes first, then one read (each image sees each class's
+    memory as it was at its turn) equals the loop write / read_dynamic per image, with replacements
+    and classes written several times within a batch."""
+    views, classes, _ = synthetic_stream(90, 5, 16, 10, seed=4)
+    fast = _setup(classes, 100.0, n_views=10, memory_size=4, order=order)
+    slow = _setup(classes, 100.0, n_views=10, memory_size=4, order=order)
+    for batch in views.split(30):
+        pl = fast.pseudo_labels(batch)
+        labels, ents = pl["label"].tolist(), pl["entropy"].tolist()
+        got = fast.write_and_read(batch[:, 0], labels, ents)
+        slow.store.begin(batch[:, 0])
+        expected = []
+        for i, q in enumerate(batch[:, 0]):
+            if order == "write_first":
+                slow.write(q, labels[i], ents[i])
+            expected.append(slow.read_dynamic(i, q))
+            if order == "predict_first":
+                slow.write(q, labels[i], ents[i])
+        torch.testing.assert_close(got, torch.stack(expected), rtol=1e-6, atol=1e-5)
+        assert torch.equal(got.argmax(-1), torch.stack(expected).argmax(-1))
+    assert fast.count.tolist() == slow.count.tolist() == [4] * 5  # full memories: replacements happened
+    assert torch.equal(fast.store.keys, slow.store.keys) and torch.equal(fast.gram, slow.gram)

@@ -9,8 +9,10 @@ from vlm_tta.errors import FeatureError, MethodOptionError
 from vlm_tta.methods.common import (
     KeyStore,
     affinity,
+    blockwise,
     check_view_features,
     entropy,
+    gather_views,
     lowest,
     prob_entropy,
     probs_to_logits,
@@ -79,3 +81,75 @@ def test_check_view_features_errors():
     x[1, 0, 0] = float("nan")
     with pytest.raises(FeatureError, match="1 image"):
         check_view_features(x, 3, "m")
+
+
+def test_gather_views_equals_torch_gather():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 7, 5, generator=g)
+    index = torch.randint(0, 6, (3, 2, 4), generator=g)
+
+    def reference(x, index):
+        return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+    assert torch.equal(gather_views(x, index), reference(x, index))  # contiguous: the index_select path
+    assert torch.equal(gather_views(x[..., :6, :], index), reference(x[..., :6, :], index))  # strided: gather
+    assert torch.equal(gather_views(x[0, 0], index[0, 0]), reference(x[0, 0], index[0, 0]))  # no leading dim
+
+
+def test_blockwise_gives_the_bits_of_one_pass():
+    """Per-image chains (softmax, entropies, selection, means over views) in blocks of images equal
+    one pass over the whole batch bit for bit, whatever the block size; dicts and tuples are joined."""
+    g = torch.Generator().manual_seed(0)
+    logits = 30 * torch.randn(37, 16, 50, generator=g)
+
+    def chain(x):
+        p = x.softmax(-1)
+        keep = lowest(prob_entropy(p, 1e-6), 0.25)
+        return {"mean": gather_views(p, keep).mean(1), "ent": entropy(x), "lse": x.logsumexp(-2)}
+
+    whole = chain(logits)
+    for elements in (1, 16 * 50 * 5, 10**9):  # one image per block, 5 per block, one block
+        got = blockwise(chain, logits, per_image=16 * 50, elements=elements)
+        assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole)
+        pair = blockwise(lambda x: (chain(x)["ent"], x[:, 0]), logits, per_image=16 * 50, elements=elements)
+        assert torch.equal(pair[0], whole["ent"]) and torch.equal(pair[1], logits[:, 0])
+
+
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_keystore_versions_equal_reading_each_query_after_its_writes(inclusive):
+    """Writes first, one batched read: every query sees the rows as a loop would have seen them
+    (written at a clock <= i, or < i), including rows added and overwritten within the batch."""
+    g = torch.Generator().manual_seed(1)
+    store = KeyStore(4, value_dim=3, capacity=2)
+    for i in range(3):
+        store.add(torch.randn(4, generator=g), i, torch.randn(3, generator=g))
+    queries = torch.randn(6, 4, generator=g)
+    writes = {0: [("set", 1)], 1: [("add", 7)], 2: [("set", 1), ("set", 3)], 4: [("set", 3)], 5: [("add", 8)]}
+    expected = []
+    store.begin(queries, versions=True)
+    snapshot = KeyStore(4, value_dim=3)  # a plain copy, written and read in a loop
+    for r in range(3):
+        snapshot.add(store.keys[r], int(store.tags[r]), store.values[r])
+    for i in range(6):
+        if not inclusive:
+            expected.append((snapshot.keys[: snapshot.n] @ queries[i], snapshot.values[: snapshot.n].clone()))
+        store.clock = i
+        for op, arg in writes.get(i, []):
+            key, value = torch.randn(4, generator=g), torch.randn(3, generator=g)
+            if op == "set":
+                store.set(arg, key, value)
+                snapshot.set(arg, key, value)
+            else:
+                store.add(key, arg, value)
+                snapshot.add(key, arg, value)
+        if inclusive:
+            expected.append((snapshot.keys[: snapshot.n] @ queries[i], snapshot.values[: snapshot.n].clone()))
+    sims, rows, visible, values = store.versions(inclusive)
+    for i, (s, v) in enumerate(expected):
+        assert int(visible[i].sum()) == len(s)  # one visible version per row that exists at that time
+        seen = rows[visible[i]]
+        assert sorted(seen.tolist()) == list(range(len(s)))
+        torch.testing.assert_close(sims[i][visible[i]], s[seen])  # each row's version at that time
+        torch.testing.assert_close(values[visible[i]], v[seen])
+    with pytest.raises(RuntimeError, match="versions=True"):
+        KeyStore(2).versions()

@@ -428,3 +428,18 @@ def test_sts_ensemble_end_to_end(tiny_openclip, tmp_path):
     np.testing.assert_allclose(res.logits, expected.logits, rtol=1e-4, atol=1e-4)
     single = vlm_tta.classify_features(views, store.class_features(CLASSES), method="sts", **scale)
     assert not np.allclose(res.logits, single.logits)
+
+
+def test_view_selection_in_cache_sized_blocks_gives_the_bits_of_one_pass(monkeypatch):
+    """The exact speed-up: the confident-view selection in blocks of images (common.blockwise)."""
+    import vlm_tta.methods.common as common
+
+    z = _prototypes(c=50, d=32)
+    views = _unit(12, 64, 32, seed=3)
+    m = create_method("sts", steps=2)
+    m.setup(MethodContext(z, 100.0))
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = torch.stack([p.logits for p in m.predict_batch(views)])
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 64 * 50 * 5)  # blocks of 5 images
+    blocked = torch.stack([p.logits for p in m.predict_batch(views)])
+    assert torch.equal(blocked, whole)

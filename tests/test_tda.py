@@ -203,3 +203,18 @@ def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
 
 def test_cli_lists_every_option_with_its_default(capsys):
     check_cli_lists_options("tda", capsys)
+
+
+@pytest.mark.parametrize("v", [1, 64])
+def test_cache_sized_blocks_give_the_bits_of_one_pass(monkeypatch, v):
+    """The exact speed-up: the view summaries in blocks of images (common.blockwise) equal one pass."""
+    import vlm_tta.methods.common as common
+
+    views, classes, _ = synthetic_stream(24, 50, 16, v, seed=3)
+    m = create_method("tda", n_views=v)
+    m.setup(MethodContext(classes, 100.0))
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = m.summarize_views(views)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", v * 50 * 5)  # blocks of 5 images
+    blocked = m.summarize_views(views)
+    assert blocked.keys() == whole.keys() and all(torch.equal(blocked[k], whole[k]) for k in whole)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from feature_method_checks import check_cli_lists_options, end_to_end
+from feature_method_checks import check_cli_lists_options, end_to_end, synthetic_stream
 
 from vlm_tta.errors import FeatureError, MethodOptionError
 from vlm_tta.methods import MethodContext, create_method
@@ -123,3 +123,51 @@ def test_end_to_end_on_a_tiny_model(tiny_openclip, tmp_path):
 
 def test_cli_lists_every_option_with_its_default(capsys):
     check_cli_lists_options("zero", capsys)
+
+
+def test_cache_sized_blocks_give_the_bits_of_one_pass(monkeypatch):
+    """The exact speed-up: per-image work in blocks of images (common.blockwise) equals one pass."""
+    import vlm_tta.methods.common as common
+
+    views, classes, _ = synthetic_stream(24, 50, 16, 64, seed=3)
+    m = create_method("zero")
+    m.setup(MethodContext(classes, 100.0))
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 10**12)  # the straightforward computation: one block
+    whole = torch.stack([p.logits for p in m.predict_batch(views)])
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 64 * 50 * 5)  # blocks of 5 images
+    blocked = torch.stack([p.logits for p in m.predict_batch(views)])
+    assert torch.equal(blocked, whole)
+
+
+def _reference_votes(cos, scale, gamma=0.3):
+    """ZERO's votes written plainly (torch.gather, argmax; no blocks), the oracle of the fast path."""
+    probs = (cos / (1.0 / scale)).softmax(-1)
+    order = torch.argsort(-(probs * probs.log()).sum(-1), dim=-1, stable=True)
+    k = int(cos.shape[1] * gamma)
+
+    def take(idx):
+        return torch.gather(cos, 1, idx.unsqueeze(-1).expand(*idx.shape, cos.shape[-1]))
+
+    votes = (take(order[:, :k]) / torch.finfo(cos.dtype).eps).softmax(-1).sum(1)
+    rest = take(order[:, k:])
+    tied = votes == votes.max(-1, keepdim=True).values
+    rows = (tied.sum(-1) > 1).nonzero().flatten().tolist()
+    for i in rows:
+        pred = rest[i].argmax(-1)
+        hits = [int(p) for p in pred if tied[i, p]]
+        winner = hits[0] if hits else int(rest[i, 0].masked_fill(tied[i].flip(-1), float("-inf")).argmax())
+        votes[i, winner] += 1
+    return votes, len(rows)
+
+
+def test_fast_votes_equal_the_plain_computation_with_many_ties():
+    views, classes, _ = synthetic_stream(40, 300, 32, 64, seed=5, noise=12.0)  # spread votes: many ties
+    m = create_method("zero")
+    m.setup(MethodContext(classes, 100.0))
+    cos = views @ classes.T
+    expected, n_tied = _reference_votes(cos, 100.0)
+    got = torch.cat([m.votes(c) for c in cos.split(7)])
+    assert torch.equal(got, expected)
+    assert 5 < n_tied < 40  # the tie rule ran, and not for every image
+    preds = m.predict_batch(views)
+    assert [p.index for p in preds] == expected.argmax(-1).tolist()

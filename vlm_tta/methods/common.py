@@ -9,6 +9,8 @@
   memory read-out);
 * :func:`probs_to_logits` — logits whose softmax is a given (unnormalised) probability vector, for
   methods whose output is a sum of probabilities or a vote count (DMN, ZERO);
+* :func:`blockwise` — per-image work over a batch in cache-sized blocks of images (the same bits,
+  several times faster than one pass over an ``N x V x C`` tensor that does not fit in a core's cache);
 * :func:`check_view_features` — the N x V x D input check every feature-level method shares;
   :func:`check_choice`, :func:`check_int`, :func:`check_number` — option checks for config classes;
 * :class:`KeyStore` — keys written one at a time by an online method, read by a batch of queries in
@@ -29,7 +31,7 @@ as the loss is the *sum* of the per-image losses.)
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +83,14 @@ def lowest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def gather_views(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (``... x k``) of ``x`` (``... x V x F``) along the view dimension -> ``... x k x F``."""
+    """Rows ``index`` (``... x k``) of ``x`` (``... x V x F``) along the view dimension -> ``... x k x F``.
+
+    A contiguous ``x`` is read with one ``index_select`` of whole rows (a copy, so the same values as
+    ``torch.gather``, ~5x faster on the CPU)."""
+    *lead, v, f = x.shape
+    if x.is_contiguous() and tuple(lead) == tuple(index.shape[:-1]):
+        offsets = torch.arange(0, math.prod(lead) * v, v, device=x.device).view(*lead, 1)
+        return x.view(-1, f).index_select(0, (index + offsets).flatten()).view(*index.shape, f)
     return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
@@ -108,6 +117,35 @@ def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
     whose output is a sum of probabilities (DMN) or of votes (ZERO); the argmax is unchanged."""
     p = probs / probs.sum(-1, keepdim=True)
     return torch.log(p).clamp(min=torch.finfo(p.dtype).min)
+
+
+#: Elements (fp32) of per-image work that :func:`blockwise` hands over at once: 2^18 = 1 MiB, which
+#: stays in a core's L2 cache through a chain of element-wise operations and row reductions.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def blockwise(fn: Callable[..., Any], *tensors: torch.Tensor, per_image: int, elements: int | None = None) -> Any:
+    """``fn(*tensors)`` computed on blocks of images and concatenated: an exact speed-up for work
+    that treats every image (the first dimension) on its own, as the per-view softmax, entropies,
+    view selection and votes of the feature-level methods do.
+
+    The operations in such a chain give the same bits for a row whatever the number of rows, so
+    the result is identical to one call on the whole batch; but over a whole ``N x V x C`` batch
+    (64 images x 64 views x 1,000 classes = 16 MiB) every operation streams through main memory,
+    while a block of ``elements // per_image`` images stays in the cache (3-4x faster on the CPU).
+    ``per_image``: the elements of the largest per-image intermediate (e.g. ``V * C``).
+    ``fn`` returns a tensor, a tuple of tensors or a dict of tensors (concatenated along dim 0).
+    """
+    n = len(tensors[0])
+    step = max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(1, per_image))
+    if step >= n or tensors[0].device.type != "cpu":
+        return fn(*tensors)
+    outs = [fn(*(t[s : s + step] for t in tensors)) for s in range(0, n, step)]
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def check_view_features(features: torch.Tensor, n_views: int, method: str) -> torch.Tensor:
@@ -154,6 +192,13 @@ class KeyStore:
     loop over its images would read it (each value is the dot product of the query with the row's
     current key), for the price of one matrix product plus a few dot products per image.
 
+    A method whose writes do not depend on what it reads (TDA: the caches are written from the
+    zero-shot summaries) can instead make all of a batch's writes first and read every query at once:
+    ``begin(queries, versions=True)``, then each write with :attr:`clock` set to the image's index in
+    the batch, then :meth:`versions` gives every query's similarities with every version of every
+    row and which versions each query sees (those written up to its own index, or before it), so the
+    read-out is a few batched products instead of a loop over the images.
+
     Each row has an integer tag (``tags``: TDA stores the class, DMN the memory slot) and optionally a
     value vector (``values``, ``value_dim`` wide). Rows are never removed: a slot that an online
     method replaces is overwritten with :meth:`set`.
@@ -170,6 +215,10 @@ class KeyStore:
         self._n0 = 0
         self._dirty: list[int] = []
         self._dirty_index: torch.Tensor | None = None
+        #: the index in the batch of the image whose writes come next (``begin(..., versions=True)``)
+        self.clock = 0
+        self._written: dict[int, int] | None = None  # row -> clock of its current version's write
+        self._old: list[tuple[int, torch.Tensor, torch.Tensor | None, int, int]] = []  # row, key, value, from, until
 
     def add(self, key: torch.Tensor, tag: int, value: torch.Tensor | None = None) -> int:
         """Append a row; returns its index."""
@@ -177,7 +226,14 @@ class KeyStore:
         row = self.n
         self.n += 1
         self.tags[row] = tag
-        self.set(row, key, value)
+        if self._written is not None:
+            self._written[row] = self.clock
+        self.keys[row] = key
+        if value is not None:
+            self.values[row] = value
+        if self._queries is not None and self._written is None:
+            self._dirty.append(row)
+            self._dirty_index = None
         return row
 
     def extend(self, keys: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
@@ -207,20 +263,59 @@ class KeyStore:
 
     def set(self, row: int, key: torch.Tensor, value: torch.Tensor | None = None) -> None:
         """Overwrite row ``row``'s key (and value)."""
+        if self._written is not None:  # keep the version being replaced for the queries before the clock
+            old_value = self.values[row].clone() if self.values is not None else None
+            self._old.append((row, self.keys[row].clone(), old_value, self._written.get(row, -1), self.clock))
+            self._written[row] = self.clock
         self.keys[row] = key
         if value is not None:
             self.values[row] = value
-        if self._queries is not None and row not in self._dirty:
+        if self._queries is not None and self._written is None and row not in self._dirty:
             self._dirty.append(row)
             self._dirty_index = None
 
-    def begin(self, queries: torch.Tensor) -> None:
-        """Start reading a batch of queries (``N x D``): one matrix product with the current rows."""
+    def begin(self, queries: torch.Tensor, versions: bool = False) -> None:
+        """Start reading a batch of queries (``N x D``): one matrix product with the current rows, read
+        with :meth:`similarities`; or (``versions=True``) record the writes to read them with :meth:`versions`."""
         self._queries = queries
         self._n0 = self.n
-        self._sims = queries @ self.keys[: self.n].T
+        self._sims = queries @ self.keys[: self.n].T if not versions else torch.zeros(0, 0)
         self._dirty = []
         self._dirty_index = None
+        self._written = {} if versions else None
+        self._old = []
+        self.clock = 0
+
+    def versions(self, inclusive: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every query's view of the store after a batch of writes (``begin(..., versions=True)``).
+
+        Returns ``(sims, rows, visible, values)`` over ``m`` columns, one per version of a row (the
+        current rows first, then the replaced versions): ``sims`` (N x m) the queries' dot products
+        with each version's key, ``rows`` (m) the row of each version (for its tag), ``visible``
+        (N x m, bool) whether query ``i`` sees it (written at a clock ``<= i`` when ``inclusive``, else
+        ``< i``, and not yet replaced), and ``values`` (m x value_dim) each version's value. Summing
+        over the visible columns of query ``i`` is summing over the rows as they were when image ``i``
+        was read in a loop (up to the order of the additions).
+        """
+        if self._written is None or self._queries is None:
+            raise RuntimeError("KeyStore.versions() needs begin(queries, versions=True) before the writes")
+        n, shift = self.n, 0 if inclusive else 1
+        first = torch.full((n,), -1, dtype=torch.long)  # clock of each current version's write (-1: before)
+        if self._written:
+            first[torch.tensor(list(self._written))] = torch.tensor(list(self._written.values()))
+        last = torch.full((n,), len(self._queries), dtype=torch.long)  # current versions are never replaced
+        keys, values, rows = self.keys[:n], self.values[:n] if self.values is not None else None, torch.arange(n)
+        if self._old:
+            old_rows, old_keys, old_values, old_first, old_last = zip(*self._old)
+            keys = torch.cat([keys, torch.stack(old_keys)])
+            if values is not None:
+                values = torch.cat([values, torch.stack(old_values)])
+            rows = torch.cat([rows, torch.tensor(old_rows)])
+            first = torch.cat([first, torch.tensor(old_first)])
+            last = torch.cat([last, torch.tensor(old_last)])
+        i = torch.arange(len(self._queries)).unsqueeze(1)
+        visible = (i >= first + shift) & (i < last + shift)
+        return self._queries @ keys.T, rows, visible, values
 
     def similarities(self, i: int) -> torch.Tensor:
         """Dot products of query ``i`` (of the last :meth:`begin`) with the current ``n`` rows."""

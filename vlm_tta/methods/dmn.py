@@ -66,6 +66,7 @@ from .base import Method, MethodContext, Prediction, register_method
 from .common import (
     KeyStore,
     affinity,
+    blockwise,
     check_choice,
     check_int,
     check_number,
@@ -421,23 +422,32 @@ class DMN(Method):
     def pseudo_labels(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per image (vectorised): the text probabilities of every view, and the pseudo-label and
         entropy of the mean probability of the most confident views."""
-        cfg = self.config
-        probs = (self.ctx.logit_scale * features @ self.text_classifier.T).softmax(-1)  # N x V x C
-        keep = lowest(prob_entropy(probs, 1e-6), cfg.selection_p)
+        logits = self.ctx.logit_scale * features @ self.text_classifier.T  # N x V x C
+        return blockwise(self.pseudo_label_block, logits, per_image=logits.shape[1] * logits.shape[2])
+
+    def pseudo_label_block(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`pseudo_labels` of a block of images, given their views' logits (exact per image)."""
+        probs = logits.softmax(-1)
+        keep = lowest(prob_entropy(probs, 1e-6), self.config.selection_p)
         mean = gather_views(probs, keep).mean(1)
         return {"text": probs[:, 0], "label": mean.argmax(-1), "entropy": prob_entropy(mean, 1e-8)}
 
-    def write(self, query: torch.Tensor, cls: int, ent: float) -> None:
-        """Offer the original view's feature to class ``cls``'s dynamic memory (``update_memory_bank``)."""
+    def write(self, query: torch.Tensor, cls: int, ent: float, before: list | None = None) -> bool:
+        """Offer the original view's feature to class ``cls``'s dynamic memory (``update_memory_bank``);
+        returns whether it was stored. ``before``: where to append the class's memory as it was before
+        this write, ``(keys m x D, gram m x m)``, when it changes."""
         f, n = self.fixed.shape[1], int(self.count[cls])
+        if n >= self.config.memory_size:
+            stored = self.entropy[cls]
+            if not bool((ent < stored).any()):
+                return False  # more uncertain than everything stored: discarded
+        if before is not None:
+            before.append(self.class_memory(cls))
         if n < self.config.memory_size:
             slot = n
             self.count[cls] += 1
             self.slot_row[cls, f + slot] = self.store.add(query, cls * self.n_slots + f + slot)
         else:
-            stored = self.entropy[cls]
-            if not bool((ent < stored).any()):
-                return  # more uncertain than everything stored: discarded
             slot = int(torch.sort(stored, stable=True).indices[-1])  # the largest stored entropy
             self.store.set(int(self.slot_row[cls, f + slot]), query)
         self.entropy[cls, slot] = ent
@@ -452,6 +462,57 @@ class DMN(Method):
         self.gram[cls, :, f + slot] = g
         if self.dense is not None:
             self.dense[cls, f + slot] = query
+        return True
+
+    def class_memory(self, cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ``cls``'s slots as they are now: keys (m x D, zero rows for empty slots) and Gram (m x m)."""
+        rows = self.slot_row[cls, : self.gram.shape[1]]
+        keys = self.store.keys.index_select(0, rows.clamp(min=0)).mul_((rows >= 0).unsqueeze(1))  # keys finite
+        return keys, self.gram[cls].clone()
+
+    def write_and_read(self, queries: torch.Tensor, labels: list[int], ents: list[float]) -> torch.Tensor:
+        """The dynamic memory's logits (N x C) of a batch: image ``i`` reads the memory after the writes
+        of images ``<= i`` (``write_first``) or ``< i``, exactly as a loop over the images would.
+
+        The writes depend only on the pseudo-labels, never on what is read, so they are all made first;
+        each class's memory as it was before each write is kept (a *version*: its keys, Gram matrix and
+        the images that see it). Then one batched read-out against the final memory, one against the
+        replaced versions, and each image takes its own version of each written class.
+        """
+        inclusive = self.config.order == "write_first"
+        beta, scale = self.config.beta, self.ctx.logit_scale
+        old: list[tuple[torch.Tensor, torch.Tensor]] = []
+        old_cls, old_from, old_until = [], [], []
+        written: dict[int, int] = {}  # class -> index of the image that wrote its current version
+        shift = 0 if inclusive else 1
+        for i, q in enumerate(queries):
+            cls, n_old = labels[i], len(old)
+            since = written.get(cls, -1)
+            # keep the memory before this write only if some image reads it (i.e. not for the batch's
+            # first image when it writes before it reads)
+            if self.write(q, cls, ents[i], before=old if i + shift > max(0, since + shift) else None):
+                if len(old) > n_old:
+                    old_cls.append(cls)
+                    old_from.append(since)
+                    old_until.append(i)
+                written[cls] = i
+        # the final memory, for every image and class
+        n, (c, m) = self.store.n, self.gram.shape[:2]
+        tags = self.store.tags[:n]
+        cls, slot = tags // self.n_slots, tags % self.n_slots
+        sims = queries.new_zeros(len(queries), c * m)
+        sims.index_copy_(1, cls * m + slot, queries @ self.store.keys[:n].T)
+        logits = gram_readout(sims.view(-1, c, m), self.gram, beta, scale)
+        if old:
+            width = max(k.shape[0] for k, _ in old)
+            keys = torch.stack([F.pad(k, (0, 0, 0, width - len(k))) for k, _ in old])  # E x w x D
+            grams = torch.stack([F.pad(g, (0, width - len(g), 0, width - len(g))) for _, g in old])
+            old_logits = gram_readout(torch.einsum("nd,esd->nes", queries, keys), grams, beta, scale)  # N x E
+            i = torch.arange(len(queries)).unsqueeze(1)
+            visible = (i >= torch.tensor(old_from) + shift) & (i < torch.tensor(old_until) + shift)
+            ii, ee = visible.nonzero(as_tuple=True)
+            logits[ii, torch.tensor(old_cls)[ee]] = old_logits[ii, ee]
+        return logits
 
     def read_dynamic(self, i: int, query: torch.Tensor) -> torch.Tensor:
         """The dynamic memory's logits for image ``i`` of the batch being read."""
@@ -486,24 +547,28 @@ class DMN(Method):
         pl = self.pseudo_labels(features)
         static = self.read_static(queries) if self.static is not None else None
         labels, ents = pl["label"].tolist(), pl["entropy"].tolist()
-        self.store.begin(queries)
-        predictions = []
-        for i, q in enumerate(queries):
-            if cfg.order == "write_first":
-                self.write(q, labels[i], ents[i])
-            dynamic = self.read_dynamic(i, q).softmax(-1)
-            if cfg.order == "predict_first":
-                self.write(q, labels[i], ents[i])
-            fused = pl["text"][i] + cfg.alpha2 * dynamic
+        if self.biases is None:  # training-free: write the batch, then read it at once
+            dynamic = self.write_and_read(queries, labels, ents).softmax(-1)
+        else:  # trained biases: keys and values differ, the prototypes are formed one image at a time
+            self.store.begin(queries)
+            rows = []
+            for i, q in enumerate(queries):
+                if cfg.order == "write_first":
+                    self.write(q, labels[i], ents[i])
+                rows.append(self.read_dynamic(i, q).softmax(-1))
+                if cfg.order == "predict_first":
+                    self.write(q, labels[i], ents[i])
+            dynamic = torch.stack(rows)
+        fused = pl["text"] + cfg.alpha2 * dynamic
+        if static is not None:
+            fused = fused + cfg.alpha3 * static
+        if cfg.record_components:
+            self._components["text"].extend(pl["text"])
+            self._components["dynamic"].extend(dynamic)
             if static is not None:
-                fused = fused + cfg.alpha3 * static[i]
-            if cfg.record_components:
-                self._components["text"].append(pl["text"][i])
-                self._components["dynamic"].append(dynamic)
-                if static is not None:
-                    self._components["static"].append(static[i])
-            predictions.append(Prediction(probs_to_logits(fused), float(fused.max() / fused.sum())))
-        return predictions
+                self._components["static"].extend(static)
+        logits, scores = probs_to_logits(fused), (fused.max(-1).values / fused.sum(-1)).tolist()
+        return [Prediction(logits[i], scores[i]) for i in range(len(fused))]
 
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]

@@ -56,7 +56,7 @@ import torch
 from ..errors import FeatureError, MethodOptionError
 from ..views import ViewSet
 from .base import Method, MethodContext, Prediction, register_method
-from .common import confident_views, gather_views, marginal_entropy, n_confident
+from .common import blockwise, confident_views, gather_views, marginal_entropy, n_confident
 
 RANK_RULES = ("gavish_donoho", "energy", "fixed")
 REG_NORMS = ("l2", "squared")
@@ -246,7 +246,8 @@ def steer(
     """STS on N images at once (``views``: N x V x D, L2-normalised, view 0 the original)."""
     scale, bias = logit_scale, (logit_bias if logit_bias is not None else 0.0)
     cos = views @ p.z.T  # N x V x C, the only product with all views, classes and dimensions
-    kept = confident_views(scale * cos + bias, config.selection_p)  # judged with the unshifted prototypes
+    # judged with the unshifted prototypes; per image, so in cache-sized blocks of images (exact)
+    kept = blockwise(lambda c: confident_views(scale * c + bias, config.selection_p), cos, per_image=cos[0].numel())
     kept_cos = gather_views(cos, kept)
     kept_proj = gather_views(views, kept) @ p.basis  # N x K x k
 

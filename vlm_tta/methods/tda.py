@@ -45,6 +45,7 @@ from .base import Method, Prediction, register_method
 from .common import (
     KeyStore,
     affinity,
+    blockwise,
     check_choice,
     check_int,
     check_number,
@@ -190,6 +191,14 @@ class TDA(Method):
         """What TDA keeps of each image (N x V x D -> per image): the feature, logits, entropy (nats),
         probability map and pseudo-label (``utils.get_clip_logits``); vectorised over images."""
         logits = self.ctx.logits(features)  # N x V x C
+        s = blockwise(self.summarize_block, features, logits, per_image=logits.shape[1] * logits.shape[2])
+        if self.config.renormalize:
+            s["feature"] = torch.nn.functional.normalize(s["feature"], dim=-1)
+        s["label"] = s["logits"].argmax(-1)
+        return s
+
+    def summarize_block(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`summarize_views` of a block of images, given their views' logits (exact per image)."""
         if features.shape[1] == 1:
             feat, out = features[:, 0], logits[:, 0]
             ent, prob = entropy(out), out.softmax(-1)
@@ -198,9 +207,7 @@ class TDA(Method):
             kept = gather_views(logits, keep)
             feat, out = gather_views(features, keep).mean(1), kept.mean(1)
             ent, prob = marginal_entropy(kept), kept.softmax(-1).mean(1)
-        if self.config.renormalize:
-            feat = torch.nn.functional.normalize(feat, dim=-1)
-        return {"feature": feat, "logits": out, "entropy": ent, "prob": prob, "label": out.argmax(-1)}
+        return {"feature": feat, "logits": out, "entropy": ent, "prob": prob}
 
     def normalized_entropy(self, ent: torch.Tensor) -> torch.Tensor:
         c = self.ctx.class_features.shape[0]
@@ -216,35 +223,38 @@ class TDA(Method):
             mask = ((prob > cfg.neg_mask[0]) & (prob < cfg.neg_mask[1])).float()
             self.neg_cache.update(label, feature, ent, mask)
 
-    def cache_logits(self, i: int) -> torch.Tensor:
-        """Positive minus negative cache logits for image ``i`` of the batch being read."""
+    def cache_logits(self, inclusive: bool) -> torch.Tensor:
+        """Positive minus negative cache logits (N x C) of the batch whose writes were just made: image
+        ``i`` reads the caches as they were after the writes of images ``<= i`` (``inclusive``) or
+        ``< i``. The writes never depend on these logits, so the caches are written first and read
+        once for the whole batch (:meth:`KeyStore.versions`)."""
         cfg, settings = self.config, self.settings
-        out = torch.zeros(self.ctx.class_features.shape[0])
+        n = len(self.pos_cache.store._queries)
+        out = torch.zeros(n, self.ctx.class_features.shape[0])
         if cfg.positive and len(self.pos_cache):
             store = self.pos_cache.store
-            w = affinity(store.similarities(i), settings["pos_beta"])
-            out.index_add_(0, store.tags[: store.n], settings["pos_alpha"] * w)
+            sims, rows, visible, _ = store.versions(inclusive)
+            w = torch.where(visible, affinity(sims, settings["pos_beta"]), 0.0)
+            out.scatter_add_(1, store.tags[rows].expand(n, -1), settings["pos_alpha"] * w)
         if cfg.negative and len(self.neg_cache):
-            store = self.neg_cache.store
-            w = affinity(store.similarities(i), cfg.neg_beta)
-            out -= cfg.neg_alpha * (w @ store.values[: store.n])
+            sims, _, visible, values = self.neg_cache.store.versions(inclusive)
+            w = torch.where(visible, affinity(sims, cfg.neg_beta), 0.0)
+            out -= cfg.neg_alpha * (w @ values)
         return out
 
     def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
         features = check_view_features(features, self.view_set().n_views, self.name)
         s = self.summarize_views(features)
         norm_ent = self.normalized_entropy(s["entropy"])
-        self.pos_cache.store.begin(s["feature"])
-        self.neg_cache.store.begin(s["feature"])
+        stores = (self.pos_cache.store, self.neg_cache.store)
+        for store in stores:
+            store.begin(s["feature"], versions=True)
         labels, ents, norm_ents = s["label"].tolist(), s["entropy"].tolist(), norm_ent.tolist()
-        out = s["logits"].clone()
-        for i in range(len(features)):
-            args = (s["feature"][i], labels[i], ents[i], norm_ents[i], s["prob"][i])
-            if self.config.order == "write_first":
-                self.write(*args)
-            out[i] += self.cache_logits(i)
-            if self.config.order == "predict_first":
-                self.write(*args)
+        for i in range(len(features)):  # the writes, in stream order (they read nothing)
+            for store in stores:
+                store.clock = i
+            self.write(s["feature"][i], labels[i], ents[i], norm_ents[i], s["prob"][i])
+        out = s["logits"] + self.cache_logits(inclusive=self.config.order == "write_first")
         scores = out.softmax(-1).max(-1).values.tolist()
         return [Prediction(out[i], scores[i]) for i in range(len(out))]
 

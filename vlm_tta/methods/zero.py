@@ -39,6 +39,7 @@ from ..errors import MethodOptionError
 from ..views import ViewSet
 from .base import Method, Prediction, register_method
 from .common import (
+    blockwise,
     check_choice,
     check_int,
     check_view_features,
@@ -86,11 +87,7 @@ class Zero(Method):
     def predict_batch(self, features: torch.Tensor) -> list[Prediction]:
         features = check_view_features(features, self.config.n_views, self.name)
         cos = features @ self.ctx.class_features.T  # N x V x C, the reference's unscaled logits
-        probs = (cos / (1.0 / self.ctx.logit_scale)).softmax(-1)  # at the model's temperature
-        ent = -(probs * probs.log()).sum(-1) if self.config.underflow_ranks_last else prob_entropy(probs)
-        order = torch.argsort(ent, dim=-1, stable=True)  # most confident view first (NaN last)
-        k = n_confident(features.shape[1], self.config.gamma)
-        votes = self.break_ties(self.vote(gather_views(cos, order[:, :k])), cos, order[:, k:])
+        votes = blockwise(self.votes, cos, per_image=cos.shape[1] * cos.shape[2])  # exact, cache-sized blocks
         shares = votes / votes.sum(-1, keepdim=True)
         logits = probs_to_logits(votes)
         top = shares.max(-1).values.tolist()
@@ -98,6 +95,15 @@ class Zero(Method):
 
     def predict_features(self, features: torch.Tensor) -> Prediction:
         return self.predict_batch(features.unsqueeze(0))[0]
+
+    def votes(self, cos: torch.Tensor) -> torch.Tensor:
+        """Votes per class (N x C) of images' view cosines (N x V x C): rank the views by entropy at
+        the model's temperature, let the ``int(gamma V)`` most confident vote, break ties."""
+        probs = (cos / (1.0 / self.ctx.logit_scale)).softmax(-1)  # at the model's temperature
+        ent = -(probs * probs.log()).sum(-1) if self.config.underflow_ranks_last else prob_entropy(probs)
+        order = torch.argsort(ent, dim=-1, stable=True)  # most confident view first (NaN last)
+        k = n_confident(cos.shape[1], self.config.gamma)
+        return self.break_ties(self.vote(gather_views(cos, order[:, :k])), cos, order[:, k:])
 
     def vote(self, kept: torch.Tensor) -> torch.Tensor:
         """Votes per class (N x C) of the kept views' cosines (N x k x C)."""
@@ -113,15 +119,19 @@ class Zero(Method):
         rows = (tied.sum(-1) > 1).nonzero().squeeze(1)
         if len(rows) == 0:
             return votes
-        tied, rest = tied[rows], gather_views(cos[rows], rest[rows])  # N_tied x (V-k) x C
+        tied, rest = tied[rows], rest[rows]  # R x C, R x (V-k)
         if rest.shape[1] == 0:  # no view left to ask (gamma = 1): the lowest tied class
             winner = tied.int().argmax(-1)
         else:
-            pred = rest.argmax(-1)  # R x (V-k): each remaining view's class
+            # each remaining view's class (R x (V-k)): the argmax of every view (max().indices: the same
+            # first maximal index as argmax, ~2x faster on the CPU), then the remaining views'
+            every = cos.max(-1).indices[rows] if 2 * len(rows) >= len(cos) else cos[rows].max(-1).indices
+            pred = every.gather(1, rest)
             hit = tied.gather(1, pred)  # does it name a tied class?
             winner = pred.gather(1, hit.int().argmax(1, keepdim=True)).squeeze(1)  # the first that does
             masked = tied.flip(-1) if self.config.tie_fallback == "reference" else ~tied
-            fallback = rest[:, 0].masked_fill(masked, float("-inf")).argmax(-1)
+            first = cos[rows, rest[:, 0]]  # R x C: the cosines of the first remaining view
+            fallback = first.masked_fill(masked, float("-inf")).argmax(-1)
             winner = torch.where(hit.any(1), winner, fallback)
         votes = votes.clone()
         votes[rows, winner] += 1
