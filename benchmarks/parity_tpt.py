@@ -1,0 +1,285 @@
+"""Parity of vlm_tta's TPT and DiffTPT with the authors' own code, on identical inputs.
+
+A script, not a test: it needs the authors' repositories checked out OUTSIDE this repository
+(azshue/TPT, Shu et al., NeurIPS 2022; chunmeifeng/DiffTPT, Feng et al., ICCV 2023), e.g.::
+
+    git clone https://github.com/azshue/TPT /tmp/tpt_ref
+    git clone https://github.com/chunmeifeng/DiffTPT /tmp/difftpt_ref
+    python benchmarks/parity_tpt.py --ref-dir /tmp/tpt_ref --difftpt-ref-dir /tmp/difftpt_ref
+
+What is compared, per case (seed x number of classes): a tiny random CLIP in OpenAI's state-dict format
+(full 49,408-token vocabulary so that both BPE tokenizers give the same ids; 64-wide towers, as OpenAI's
+``build_model`` reads ``heads = width // 64``; logit scale exp = 100) is loaded into the authors'
+``clip/model.py`` ``build_model`` and into :meth:`vlm_tta.models.OpenClipModel.from_openai_state_dict`
+(QuickGELU, as OpenAI's). Both get the same preprocessed views (random tensors): TPT ``1 x 64`` (the
+original first), DiffTPT ``1 x 128`` (original, 64 conventional, 63 "generated"), the same class names
+and ``ctx_init = "a photo of a"``. The reference side runs the authors' own ``ClipTestTimeTuning`` /
+``PromptLearner`` / ``TextEncoder``, their ``test_time_tuning`` (TPT, ``selection_p 0.1``, ``tta_steps 1``)
+or ``difftpt_utils.test_time_tuning_difftpt`` (``--selection_cosine 0.8 --selection_selfentro 0.3
+--tta_steps 4``), with AdamW(lr 5e-3) reset from its saved state as in ``test_time_adapt_eval``, then the
+original view's logits with the tuned prompt. Reported: the selected views (as sets; the reference's
+``torch.argsort`` is unstable, so only the order may differ), max |logit difference| of the original
+view's tuned logits, and whether the predictions agree. Ours runs twice: the default fast path and
+``reference_compute=True``.
+
+Patches applied to the authors' code at run time (nothing is copied into this repository):
+
+1. ``clip.custom_clip.load`` is replaced by a function that runs their ``clip.model.build_model`` on
+   our state dict, on CPU, in fp32 (their ``load`` downloads by name; with a state-dict file path it
+   fails on ``model.state_dict()`` before assignment).
+2. ``torch.cuda.amp.autocast`` -> a no-op context while the reference runs (fp32 on CPU; on a
+   CPU-only machine torch disables it anyway).
+3. ``GradScaler(init_scale=1000)`` is made with ``enabled=False`` (what torch does without CUDA):
+   ``scaler.step`` is then a plain ``optimizer.step()``.
+4. Observation only: ``select_confident_samples`` / ``select_confident_samples_cosine`` are wrapped to
+   record the indices they return; their results are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import math
+import sys
+import time
+from argparse import Namespace
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+
+import vlm_tta
+from vlm_tta.methods import create_method
+from vlm_tta.methods.tpt import PromptTuner
+from vlm_tta.models import OpenClipModel
+
+REF_MODULES = ("clip", "data", "utils", "tpt_classification", "difftpt_utils")
+IMAGE_SIZE = 32
+TINY_OPENAI_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 64, "layers": 2, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
+
+
+# --------------------------------------------------------------------------- inputs
+def tiny_openai_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """An OpenAI-format CLIP state dict (open_clip's CLIP uses OpenAI's key names) with seeded random
+    weights, the full BPE vocabulary and logit scale exp = 100 (OpenAI's trained value)."""
+    from vlm_tta.models import load_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        src = load_model(TINY_OPENAI_CONFIG, pretrained=None)
+    sd = {k: v.detach().clone().float() for k, v in src.model.state_dict().items()}
+    sd["logit_scale"] = torch.tensor(math.log(100.0))
+    return sd
+
+
+def class_names(n: int) -> list[str]:
+    from vlm_tta.data.resources import imagenet_classnames
+
+    names = imagenet_classnames()
+    step = max(1, len(names) // n)
+    return [names[i * step] for i in range(n)]  # spread over the list: names of many token lengths
+
+
+def random_views(n_views: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n_views, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+
+
+# --------------------------------------------------------------------------- the authors' code
+def _purge_reference_modules() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in REF_MODULES:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
+def reference_import(ref_dir: Path):
+    """Import the authors' top-level packages from ``ref_dir`` (and forget them afterwards)."""
+    _purge_reference_modules()
+    sys.path.insert(0, str(ref_dir))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(ref_dir))
+        _purge_reference_modules()
+
+
+@contextlib.contextmanager
+def no_cuda_autocast():
+    saved = torch.cuda.amp.autocast
+    torch.cuda.amp.autocast = lambda *a, **k: contextlib.nullcontext()  # patch 2
+    try:
+        yield
+    finally:
+        torch.cuda.amp.autocast = saved
+
+
+def _reference_model(sd: dict, names: list[str]):
+    """The authors' ClipTestTimeTuning (their main_worker's set-up, non-CoOp branch)."""
+    custom_clip = importlib.import_module("clip.custom_clip")
+    clip_model = importlib.import_module("clip.model")
+
+    def load(name, device="cpu", jit=False, download_root=None):  # patch 1
+        model = clip_model.build_model({k: v.clone() for k, v in sd.items()}).to("cpu").float()
+        return model, sd["text_projection"].shape[1], None
+
+    custom_clip.load = load
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = custom_clip.ClipTestTimeTuning("cpu", names, None, arch="tiny", n_ctx=4, ctx_init="a_photo_of_a")
+        for name, param in model.named_parameters():
+            if "prompt_learner" not in name:
+                param.requires_grad_(False)
+        model.reset_classnames(names, "tiny")
+    return model
+
+
+def run_reference(ref_dir: Path, kind: str, sd: dict, names: list[str], views: torch.Tensor, steps: int) -> dict:
+    """One image through the authors' code: selected pool indices and the original view's tuned logits."""
+    with reference_import(ref_dir), no_cuda_autocast():
+        model = _reference_model(sd, names)
+        recorded: dict = {}
+        if kind == "tpt":
+            module = importlib.import_module("tpt_classification")
+            original_select = module.select_confident_samples
+
+            def select(logits, top):  # patch 4 (observation)
+                out, idx = original_select(logits, top)
+                recorded["selected"] = idx.clone()
+                return out, idx
+
+            module.select_confident_samples = select
+            tune = module.test_time_tuning
+            args = Namespace(cocoop=False, tta_steps=steps, selection_p=0.1, lr=5e-3)
+        else:
+            module = importlib.import_module("difftpt_utils")
+            original_cos = module.select_confident_samples_cosine
+
+            def select(logits, selection_cosine, selection_selfentro):  # patch 4 (observation)
+                out, (idx_cos, idx), dist = original_cos(logits, selection_cosine, selection_selfentro)
+                kept = torch.cat([torch.zeros(1, dtype=idx_cos.dtype), idx_cos])
+                recorded["selected"] = kept[idx].clone()
+                return out, [idx_cos, idx], dist
+
+            module.select_confident_samples_cosine = select
+            tune = module.test_time_tuning_difftpt
+            args = Namespace(cocoop=False, tta_steps=steps, selection_cosine=0.8, selection_selfentro=0.3, lr=5e-3)
+        optimizer = torch.optim.AdamW(model.prompt_learner.parameters(), args.lr)
+        optim_state = deepcopy(optimizer.state_dict())
+        scaler = torch.cuda.amp.GradScaler(init_scale=1000, enabled=False)  # patch 3
+        images = views[0]  # V x 3 x H x W, view 0 the original (their torch.cat(images) of [orig, aug...])
+        model.eval()
+        with torch.no_grad():
+            model.reset()
+            zero_shot = model(images[:1])
+        optimizer.load_state_dict(optim_state)
+        tune(model, images, optimizer, scaler, args)
+        with torch.no_grad():
+            logits = model(images[:1])
+    return {"selected": recorded["selected"], "logits": logits[0].float(), "zero_shot": zero_shot[0].float()}
+
+
+# --------------------------------------------------------------------------- ours
+def run_ours(kind: str, sd: dict, names: list[str], views: torch.Tensor, steps: int, reference_compute: bool) -> dict:
+    model = OpenClipModel.from_openai_state_dict({k: v.clone() for k, v in sd.items()}, quick_gelu=True)
+    selected: list[torch.Tensor] = []
+    original_tune = PromptTuner.tune
+
+    def tune(self, *a, **k):
+        result = original_tune(self, *a, **k)
+        selected.append(result.selected)
+        return result
+
+    opts = dict(tta_steps=steps, reference_compute=reference_compute)
+    if kind == "tpt":
+        opts["n_views"] = views.shape[1]
+    method = create_method(kind, **opts)
+    PromptTuner.tune = tune
+    try:
+        res = vlm_tta.classify(views, names, method=method, model=model, cache=False, progress=False)
+    finally:
+        PromptTuner.tune = original_tune
+    return {"selected": selected[-1][0].cpu(), "logits": torch.as_tensor(res.logits[0]).float()}
+
+
+# --------------------------------------------------------------------------- the comparison
+def compare(ref: dict, ours: dict) -> dict:
+    return {
+        "k": int(len(ref["selected"])),
+        "same_selection": sorted(ref["selected"].tolist()) == sorted(ours["selected"].tolist()),
+        "same_order": ref["selected"].tolist() == ours["selected"].tolist(),
+        "max_abs_logit_diff": float((ref["logits"] - ours["logits"]).abs().max()),
+        "same_prediction": int(ref["logits"].argmax()) == int(ours["logits"].argmax()),
+        "ref_prediction": int(ref["logits"].argmax()),
+        # how far the reference's adaptation moved the logits (the size of what is being compared)
+        "ref_adaptation_shift": float((ref["logits"] - ref["zero_shot"]).abs().max()),
+    }
+
+
+def run_cases(args) -> list[dict]:
+    rows = []
+    plans = [("tpt", args.ref_dir, 64, args.tpt_steps)]
+    if args.difftpt_ref_dir is not None:
+        plans.append(("difftpt", args.difftpt_ref_dir, 128, args.difftpt_steps))
+    for kind, ref_dir, n_views, steps in plans:
+        for n_classes in args.classes:
+            for seed in args.seeds:
+                sd = tiny_openai_state_dict(seed)
+                names = class_names(n_classes)
+                views = random_views(n_views, 1000 + seed)
+                t0 = time.perf_counter()
+                ref = run_reference(Path(ref_dir), kind, sd, names, views, steps)
+                for variant, rc in (("fast", False), ("reference_compute", True)):
+                    ours = run_ours(kind, sd, names, views, steps, rc)
+                    row = {"method": kind, "classes": n_classes, "seed": seed, "ours": variant, "steps": steps}
+                    row.update(compare(ref, ours))
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["method", "classes", "seed", "ours", "steps", "k", "same_selection", "same_order",
+            "max_abs_logit_diff", "same_prediction", "ref_adaptation_shift"]  # fmt: skip
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.2e}" if c in ("max_abs_logit_diff", "ref_adaptation_shift") else str(r[c]) for c in cols]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ref-dir", required=True, help="azshue/TPT checked out outside this repository")
+    p.add_argument("--difftpt-ref-dir", default=None, help="chunmeifeng/DiffTPT checked out outside this repository")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--classes", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--tpt-steps", type=int, default=1)
+    p.add_argument("--difftpt-steps", type=int, default=4)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for d in filter(None, (args.ref_dir, args.difftpt_ref_dir)):
+        if Path(d).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
+            p.error(f"{d}: keep the authors' code outside this repository")
+    rows = run_cases(args)
+    ok = all(r["same_selection"] and r["same_prediction"] and r["max_abs_logit_diff"] <= args.tolerance for r in rows)
+    if args.format == "json":
+        print(json.dumps({"rows": rows, "all_within_tolerance": ok, "tolerance": args.tolerance}, indent=1))
+    else:
+        print(markdown(rows))
+        print(f"\nall within {args.tolerance:g} with the same selections and predictions: {ok}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
