@@ -33,6 +33,14 @@ Patches applied to the authors' code at run time (nothing is copied into this re
    ``scaler.step`` is then a plain ``optimizer.step()``.
 4. Observation only: ``select_confident_samples`` / ``select_confident_samples_cosine`` are wrapped to
    record the indices they return; their results are passed through unchanged.
+5. ``--fp64`` only: their ``LayerNorm`` subclass (which casts its input to fp32) runs in float64.
+
+``--fp64`` also runs both codes in float64 (ours through float64 copies of the tuning core,
+:func:`fp64_tuning`). Float32 differences come from round-off that AdamW turns into different steps: its
+first step is about ``lr * sign(g)`` per context number, so a number whose gradient is below the gradient's
+float32 error moves differently, and DiffTPT's 4 steps compound it. If both codes then agree to 1e-9 with
+the same selection, a float32 difference beyond the tolerance is round-off, not a difference in the maths
+(the ``ok`` column). ``ref_fp32_vs_fp64`` shows the reference's own float32 error.
 """
 
 from __future__ import annotations
