@@ -28,6 +28,7 @@ from vlm_tta.cache import (
     as_cache,
     default_cache_dir,
     make_key,
+    make_keys,
     run,
 )
 
@@ -970,3 +971,10 @@ def test_rows_with_the_earlier_blake2b_checksum_still_read(tmp_path):
         db.execute("UPDATE embeddings SET checksum = ?", (bytes(16),))  # a damaged legacy checksum
     with pytest.warns(RuntimeWarning, match="1 damaged entry"):
         assert EmbeddingCache(tmp_path).get("k") is None
+
+
+def test_shared_key_suffixes_keep_bools_and_floats_apart():
+    """make_keys remembers encoded suffixes: 1, True and 1.0 must still give three keys."""
+    keys = make_keys(("view", "fp", "img"), [(1,), (True,), (1.0,), ("1",), (1,)])
+    assert len(set(keys)) == 4 and keys[0] == keys[4]
+    assert keys == [make_key("view", "fp", "img", p) for p in (1, True, 1.0, "1", 1)]

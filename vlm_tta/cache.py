@@ -200,11 +200,20 @@ def make_keys(prefix: Sequence[Any], suffixes: Sequence[Sequence[Any]]) -> list[
     if not prefix:
         return [make_key(*suffix) for suffix in suffixes]
     head = _json_list(prefix)[:-1]  # "[p1,p2" : the prefix's elements, each encoded on its own
-    out = []
-    for suffix in suffixes:
-        tail = _json_list(suffix)[1:] if len(suffix) else "]"
-        out.append(_finish_key(prefix[0], head + ("," + tail if len(suffix) else tail)))
-    return out
+    return [_finish_key(prefix[0], head + _tail(suffix)) for suffix in suffixes]
+
+
+def _tail(suffix: Sequence[Any]) -> str:
+    """``",s1,s2]"`` : the end of a key's JSON text after a prefix. The views of every image share a
+    few suffixes, so plain ones (strings and ints) are encoded once."""
+    if all(type(p) is str or type(p) is int for p in suffix):  # (not bools or floats: True == 1 == 1.0)
+        return _plain_tail(tuple(suffix))
+    return "," + _json_list(suffix)[1:] if len(suffix) else "]"
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_tail(suffix: tuple) -> str:
+    return "," + _json_list(suffix)[1:] if suffix else "]"
 
 
 #: JSON's own string encoder (``json.dumps(..., ensure_ascii=False)`` uses it for every string).
@@ -251,10 +260,9 @@ def _checksum(key: str, dtype: str, shape: str, data: bytes) -> bytes:
     """CRC-32 over the key, the dtype, the shape and the data (4 bytes). It guards against damage,
     not against an adversary; it is several times faster than a cryptographic hash, and on a warm
     cache checksumming the rows read was the largest cost of a benchmark run."""
-    crc = 0
-    for part in (key.encode("utf-8"), dtype.encode(), shape.encode()):
-        crc = zlib.crc32(part, zlib.crc32(len(part).to_bytes(4, "little"), crc))
-    return zlib.crc32(data, crc).to_bytes(4, "little")
+    parts = (key.encode("utf-8"), dtype.encode(), shape.encode())
+    header = b"".join(len(part).to_bytes(4, "little") + part for part in parts)  # each part length-prefixed
+    return zlib.crc32(data, zlib.crc32(header)).to_bytes(4, "little")
 
 
 def _blake2b_checksum(key: str, dtype: str, shape: str, data: bytes) -> bytes:

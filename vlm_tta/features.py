@@ -371,8 +371,13 @@ class FeatureStore:
         blocks = view_blocks(v)
         groups: dict[tuple[int, int], tuple[list[str], list[int]]] = {}  # shape -> (keys, image of each key)
         fingerprint = self.model.fingerprint
+        # a source's key parts depend on its kind (file/pixels or given views) and the view set only
+        parts_of: dict[type, list[tuple]] = {}
         for i, (src, h) in enumerate(zip(sources, hashes)):
-            keys = make_keys(("view", fingerprint, h), [src.key_parts(view_set, *b) for b in blocks])
+            parts = parts_of.get(type(src))
+            if parts is None:
+                parts = parts_of[type(src)] = [src.key_parts(view_set, *b) for b in blocks]
+            keys = make_keys(("view", fingerprint, h), parts)
             for (start, count), key in zip(blocks, keys):
                 group = groups.setdefault((start == 0, count), ([], []))
                 group[0].append(key)
