@@ -56,8 +56,8 @@ from ..errors import MethodOptionError, VlmTtaError
 from ..features import LazyImage
 from ..views import ViewSet
 from .base import MethodContext, Prediction, register_method
-from .common import check_int, check_number, confident_views, gather_views, n_confident, resolve_preset
-from .tpt import DEFAULT_PRESET, PRESETS, TPT, PromptTuner
+from .common import check_int, confident_views, gather_views, n_confident, resolve_preset
+from .tpt import DEFAULT_PRESET, PRESETS, TPT, PromptTuner, check_tuning_options
 
 if TYPE_CHECKING:
     from ..features import Sample
@@ -294,21 +294,7 @@ class DiffTPTConfig:
                 raise MethodOptionError(f"{name} must be in (0, 1]; got {value!r}")
         pool = 1 + self.n_conventional + self.n_generated
         n_confident(pool - 1, self.cosine_fraction)  # a selection that would keep nothing is refused here
-        check_int("tta_steps", self.tta_steps, 1)
-        check_number("lr", self.lr)
-        check_number("weight_decay", self.weight_decay)
-        if self.n_ctx is not None:
-            check_int("n_ctx", self.n_ctx, 1)
-        if self.ctx_init is None and self.coop_ctx is None and self.n_ctx is None:
-            raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
-        for name in ("image_batch", "class_chunk"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 1)
-        if self.reference_compute and (self.image_batch not in (None, 1) or self.class_chunk is not None):
-            raise MethodOptionError(
-                "reference_compute=True runs the reference's computation (one image at a time, all classes at "
-                "once): leave image_batch and class_chunk unset"
-            )
+        check_tuning_options(self)
         check_int("generation_batch_size", self.generation_batch_size, 1)
         self.conventional()  # validates the preset and the recipe
         if not isinstance(self.diffusion, ImageVariations):

@@ -241,6 +241,28 @@ def _per_image(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         return marginal_entropy(gather_views(logits.detach(), selected))
 
 
+def check_tuning_options(cfg: Any) -> None:
+    """Validate the prompt-tuning options TPT and DiffTPT share (``tta_steps``, ``lr``, ``weight_decay``,
+    ``ctx_init`` / ``n_ctx`` / ``coop_ctx``, ``image_batch``, ``class_chunk``, ``reference_compute``)."""
+    check_int("tta_steps", cfg.tta_steps, 1)
+    check_number("lr", cfg.lr)
+    check_number("weight_decay", cfg.weight_decay)
+    if cfg.n_ctx is not None:
+        check_int("n_ctx", cfg.n_ctx, 1)
+    if cfg.ctx_init is None and cfg.coop_ctx is None and cfg.n_ctx is None:
+        raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
+    if cfg.ctx_init is not None and not str(cfg.ctx_init).replace("_", " ").strip():
+        raise MethodOptionError("ctx_init must be a phrase such as 'a photo of a' (or None for a random context)")
+    for name in ("image_batch", "class_chunk"):
+        if getattr(cfg, name) is not None:
+            check_int(name, getattr(cfg, name), 1)
+    if cfg.reference_compute and (cfg.image_batch not in (None, 1) or cfg.class_chunk is not None):
+        raise MethodOptionError(
+            "reference_compute=True runs the reference's computation (one image at a time, all classes at "
+            "once): leave image_batch and class_chunk unset"
+        )
+
+
 # --------------------------------------------------------------------------- the method
 @dataclass
 class TPTConfig:
@@ -270,24 +292,7 @@ class TPTConfig:
         if not (isinstance(self.selection_p, (int, float)) and 0 < self.selection_p <= 1):
             raise MethodOptionError(f"selection_p must be in (0, 1]; got {self.selection_p!r}")
         n_confident(self.n_views, self.selection_p)
-        check_int("tta_steps", self.tta_steps, 1)
-        check_number("lr", self.lr)
-        check_number("weight_decay", self.weight_decay)
-        if self.n_ctx is not None:
-            check_int("n_ctx", self.n_ctx, 1)
-        if self.ctx_init is None and self.coop_ctx is None and self.n_ctx is None:
-            raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
-        if self.ctx_init is not None and not str(self.ctx_init).replace("_", " ").strip():
-            raise MethodOptionError("ctx_init must be a phrase such as 'a photo of a' (or None for a random context)")
-        if self.image_batch is not None:
-            check_int("image_batch", self.image_batch, 1)
-        if self.class_chunk is not None:
-            check_int("class_chunk", self.class_chunk, 1)
-        if self.reference_compute and (self.image_batch not in (None, 1) or self.class_chunk is not None):
-            raise MethodOptionError(
-                "reference_compute=True runs the reference's computation (one image at a time, all classes at "
-                "once): leave image_batch and class_chunk unset"
-            )
+        check_tuning_options(self)
         self.views()  # validates the preset and the recipe
 
     def views(self) -> ViewSet:
@@ -382,4 +387,4 @@ class TPT(Method):
         return {"tpt": {"images": getattr(self, "images_tuned", 0), "reference_compute": self.config.reference_compute}}
 
 
-__all__ = ["PRESETS", "PromptTuner", "Selector", "TPT", "TPTConfig", "TuneResult"]
+__all__ = ["PRESETS", "PromptTuner", "check_tuning_options", "Selector", "TPT", "TPTConfig", "TuneResult"]

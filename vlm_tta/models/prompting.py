@@ -56,6 +56,14 @@ PLACEHOLDER = "X"  # CoOp / TPT: the prompt prefix "X X X X" when the context is
 BUCKET_OVERHEAD = 16
 
 
+def _project(tower: Any, x: torch.Tensor) -> torch.Tensor:
+    """The text tower's projection of pooled features (a module, a matrix, or none)."""
+    proj = getattr(tower, "text_projection", None)
+    if isinstance(proj, torch.nn.Module):
+        return proj(x)
+    return x @ proj if proj is not None else x
+
+
 # --------------------------------------------------------------------------- context files
 def load_context_vectors(source: Any) -> torch.Tensor:
     """An ``n x width`` float32 context from a tensor, a ``.safetensors`` file (tensor ``ctx``) or a
@@ -199,12 +207,7 @@ class OpenClipTextPath(TextPath):
             x = x[:, 0]
         else:
             x = x[rows, self.pool_positions(ids)]
-        proj = getattr(tower, "text_projection", None)
-        if isinstance(proj, torch.nn.Module):
-            x = proj(x)
-        elif proj is not None:
-            x = x @ proj
-        return x
+        return _project(tower, x)
 
     # -- the shared prefix: [SOS] ctx_1..ctx_n is the same for every class prompt of one context, and under a
     # causal mask its hidden states depend on nothing after it, so they (and their keys and values) are
@@ -254,12 +257,7 @@ class OpenClipTextPath(TextPath):
         x = tower.ln_final(x)
         pos = self.pool_positions(ids) - p
         x = x[:, torch.arange(c, device=x.device), pos.to(x.device)]
-        proj = getattr(tower, "text_projection", None)
-        if isinstance(proj, torch.nn.Module):
-            x = proj(x)
-        elif proj is not None:
-            x = x @ proj
-        return x
+        return _project(tower, x)
 
 
 def _plain_blocks(transformer) -> bool:
