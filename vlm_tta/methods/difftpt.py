@@ -382,15 +382,14 @@ class DiffTPT(TPT):
             return
         if not self.config.generate or self._weights_error is not None:
             why = (
-                f"the pipeline's weights are not available ({self._weights_error})"
-                if self._weights_error is not None
-                else "generate=False (cache only)"
+                "generate=False (cache only)" if self._weights_error is None else "the pipeline's weights are not here"
             )
+            details = f" Details: {self._weights_error}" if self._weights_error is not None else ""
             raise GenerationsMissingError(
                 f"DiffTPT: the image variations of {len(missing)} image(s) are not in the cache at "
-                f"{self.variations.cache.directory} and {why}. Make them first with `vlm-tta generate` (the same "
-                "--diffusion and generation settings, and the same --cache-dir), or give DiffTPT the pipeline: "
-                "diffusion=<hub id or local diffusers folder>."
+                f"{self.variations.cache.directory} and {why}. Make them first with `vlm-tta generate` on these "
+                "images (the same generation settings and cache directory), or give DiffTPT the pipeline: "
+                f"diffusion=<local diffusers folder> (CLI: -o diffusion=DIR).{details}"
             )
         todo = [with_pixels[i] for i in missing]
         report = self.variations.generate([s.image for s in todo], image_hashes=[s.image_hash for s in todo])
