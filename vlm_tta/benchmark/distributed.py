@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .results import _atomic_write
+from .._atomic import atomic_write
 from .runner import BenchmarkError, Job, JobOutput, Pass, Stream
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def save_partial(path: Path, out: JobOutput, meta: dict) -> None:
         "run_info": out.run_info,
     }
     arrays["header"] = np.array(json.dumps(header, sort_keys=True, default=str))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_partial(path: Path, meta: dict, positions: np.ndarray, n_classes: int) -> JobOutput | None:

@@ -353,7 +353,7 @@ def plot_roc(t: Table, column: str, path: Path) -> Path | None:
 # --------------------------------------------------------------------------- the report
 def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> dict[str, list[Path]]:
     """Write the report of ``folders`` into ``out`` (default: the first folder's ``report/``)."""
-    from .results import _atomic_write
+    from .._atomic import atomic_write
 
     folders = [Path(f).expanduser() for f in folders]
     tables = build_tables(folders)
@@ -393,7 +393,7 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
         )
         csv_all += csv_rows(t)
     md_path = out / "report.md"
-    _atomic_write(md_path, lambda f: f.write("\n".join(md).encode()))
+    atomic_write(md_path, lambda f: f.write("\n".join(md).encode()))
     csv_path = out / "results.csv"
 
     def write_csv(f):
@@ -405,7 +405,7 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
         writer.writerows(csv_all)
         f.write(text.getvalue().encode())
 
-    _atomic_write(csv_path, write_csv)
+    atomic_write(csv_path, write_csv)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>vlm-tta report</title><style>"
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0;font-size:13px}"
@@ -416,7 +416,7 @@ def write_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike | 
         + "</body></html>"
     )
     html_path = out / "report.html"
-    _atomic_write(html_path, lambda f: f.write(page.encode()))
+    atomic_write(html_path, lambda f: f.write(page.encode()))
     written["md"].append(md_path)
     written["csv"].append(csv_path)
     written["html"].append(html_path)

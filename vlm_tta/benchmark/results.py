@@ -20,11 +20,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .._atomic import atomic_write
 
 ROW_VERSION = 1
 
@@ -36,23 +37,6 @@ def canonical(obj: Any) -> str:
 def job_id(identity: dict) -> str:
     """A short stable id of a job from the fields that define it."""
     return hashlib.sha256(canonical(identity).encode()).hexdigest()[:20]
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class ResultStore:
@@ -70,9 +54,9 @@ class ResultStore:
         """Write a finished row (its arrays first, so a row never points at missing arrays)."""
         jid = row["job_id"]
         if arrays:
-            _atomic_write(self.predictions_dir / f"{jid}.npz", lambda f: np.savez_compressed(f, **arrays))
+            atomic_write(self.predictions_dir / f"{jid}.npz", lambda f: np.savez_compressed(f, **arrays))
         path = self.rows_dir / f"{jid}.json"
-        _atomic_write(path, lambda f: f.write(json.dumps(row, indent=1, sort_keys=True, default=str).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(row, indent=1, sort_keys=True, default=str).encode()))
         return path
 
     def rows(self) -> list[dict]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from .._atomic import atomic_write
 from ..errors import DatasetError
 from .base import NOISY_LABEL, Dataset, PathLike, _check_seed, as_path, permutation
 
@@ -57,21 +57,11 @@ NOISY_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 def write_json_atomic(path: PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
     p = as_path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, separators=(",", ":"))
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    def write(fh) -> None:
+        fh.write((json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8"))
+
+    atomic_write(p, write)
     return p
 
 
