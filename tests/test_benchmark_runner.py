@@ -209,6 +209,29 @@ def test_adding_a_method_reads_every_embedding_from_the_cache(tmp_path, data_roo
     assert calls() == {"images": 0, "texts": 0}
 
 
+def test_tpt_runs_in_a_suite_on_the_suite_s_views(tmp_path, data_root, cfg_file):
+    """A model-level method through the runner: TPT on eurosat with the suite's AugMix views, then a
+    second run of the same job on the warm cache encodes no image."""
+    from vlm_tta.models import load_model
+
+    suite = load_suite(
+        write_suite(tmp_path / "s.yaml", datasets=[{"name": "eurosat", "views": "augmix"}], seeds=[0], methods=[])
+    )
+    model = load_model(cfg_file, pretrained=None)
+    spec = parse_methods("tpt[n_views=10]")
+    Runner(suite, spec, model, data_root, tmp_path / "a", cache=tmp_path / "c", log=lambda _: None).run()
+    (row,) = ResultStore(tmp_path / "a").rows()
+    assert (
+        row["method"] == "tpt" and row["n_images"] == 9 and row["config"]["method_options"]["view_recipe"] == "augmix"
+    )
+    calls = encoder_call_counter(model)
+    Runner(suite, spec, model, data_root, tmp_path / "b", cache=tmp_path / "c", log=lambda _: None).run()
+    assert calls()["images"] == 0
+    again = ResultStore(tmp_path / "b")
+    np.testing.assert_allclose(again.arrays(again.rows()[0]["job_id"])["logits"],
+                               ResultStore(tmp_path / "a").arrays(row["job_id"])["logits"], atol=1e-5)  # fmt: skip
+
+
 def test_limit_takes_the_same_images_for_every_seed(tmp_path, data_root, cfg_file):
     suite = write_suite(tmp_path / "s.yaml", datasets=["eurosat"], methods=["_running"], seeds=[0, 1])
     assert main(bench_args(suite, data_root, tmp_path / "run", cfg_file, "--limit", "4")) == 0
