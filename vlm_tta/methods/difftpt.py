@@ -56,8 +56,8 @@ from ..errors import MethodOptionError, VlmTtaError
 from ..features import LazyImage
 from ..views import ViewSet
 from .base import MethodContext, Prediction, register_method
-from .common import check_int, confident_views, gather_views, n_confident, resolve_preset
-from .tpt import DEFAULT_PRESET, PRESETS, TPT, PromptTuner, check_tuning_options
+from .common import check_int, confident_views, gather_views, n_confident
+from .tpt import TPT, PromptTuningConfig
 
 if TYPE_CHECKING:
     from ..features import Sample
@@ -243,30 +243,16 @@ def select_views(
 
 
 @dataclass
-class DiffTPTConfig:
+class DiffTPTConfig(PromptTuningConfig):
     """DiffTPT's defaults (chunmeifeng/DiffTPT scripts: ``-b 64 --ctx_init a_photo_of_a --tpt --aug_mode
-    difftpt --selection_cosine 0.8 --selection_selfentro 0.3 --lr 5e-3 --tta_steps 4``)."""
+    difftpt --selection_cosine 0.8 --selection_selfentro 0.3 --lr 5e-3 --tta_steps 4``); TPT's shared
+    options (:class:`~vlm_tta.methods.tpt.PromptTuningConfig`) otherwise."""
 
-    #: dataset whose conventional views to use (TPT's: ``crop_flip`` for the ImageNet family, ``augmix``
-    #: for the fine-grained sets; a vlm_tta.data name or alias); None = ImageNet's
-    preset: str | None = None
-    view_recipe: str | None = None  # None: the preset's
+    tta_steps: int = 4  # DiffTPT scripts: --tta_steps 4 (the selection is fixed after step 1)
     n_conventional: int = N_CONVENTIONAL  # conventional views besides the original (-b 64)
-    view_seed: int = 0
     filter_mode: str = "code"  # "code" (cosine of logits, all views; the default) or "paper" (see the module doc)
     cosine_fraction: float = COSINE_FRACTION  # --selection_cosine 0.8
     entropy_fraction: float = ENTROPY_FRACTION  # --selection_selfentro 0.3
-    tta_steps: int = 4  # DiffTPT scripts: --tta_steps 4 (the selection is fixed after step 1)
-    lr: float = 5e-3  # --lr 5e-3 (AdamW, torch defaults otherwise)
-    weight_decay: float = 0.01  # torch's AdamW default, as the reference uses it
-    ctx_init: str | None = "a photo of a"  # --ctx_init a_photo_of_a; None: a random context of n_ctx vectors
-    n_ctx: int | None = None
-    coop_ctx: str | None = None  # a CoOp context file (DiffTPT + CoOp)
-    ctx_seed: int = 0
-    #: the reference's computation: every forward re-encodes all 128 views, full-length text, one image at a time
-    reference_compute: bool = False
-    image_batch: int | None = None  # images adapted at once (independent problems); None: as TPT
-    class_chunk: int | None = None  # classes per text forward (exact gradient accumulation)
     # -- the image variations (vlm_tta.diffusion); they enter the generation cache key
     #: a hub id, a local diffusers folder, a StableDiffusionImageVariationPipeline or an ImageVariations
     diffusion: Any = DEFAULT_MODEL
@@ -294,15 +280,14 @@ class DiffTPTConfig:
                 raise MethodOptionError(f"{name} must be in (0, 1]; got {value!r}")
         pool = 1 + self.n_conventional + self.n_generated
         n_confident(pool - 1, self.cosine_fraction)  # a selection that would keep nothing is refused here
-        check_tuning_options(self)
+        super().__post_init__()
         check_int("generation_batch_size", self.generation_batch_size, 1)
         self.conventional()  # validates the preset and the recipe
         if not isinstance(self.diffusion, ImageVariations):
             self.settings()  # validates the generation settings
 
     def conventional(self) -> ViewSet:
-        recipe = self.view_recipe or resolve_preset(PRESETS, self.preset, DEFAULT_PRESET, "DiffTPT")["views"]
-        return conventional_view_set(recipe, self.view_seed, self.n_conventional)
+        return conventional_view_set(self.recipe("DiffTPT"), self.view_seed, self.n_conventional)
 
     def settings(self) -> VariationSettings:
         return VariationSettings(
@@ -316,10 +301,6 @@ class DiffTPTConfig:
             jpeg_quality=self.jpeg_quality,
             store_size=self.store_size,
         )
-
-    @property
-    def selection_p(self) -> float:  # what TPT's setup reads; DiffTPT selects with its own rule
-        return self.entropy_fraction
 
 
 @register_method("difftpt")
@@ -347,7 +328,7 @@ class DiffTPT(TPT):
         return ViewSet(conv.recipe, conv.n_views + self.n_generated, conv.seed)
 
     def setup(self, ctx: MethodContext) -> None:
-        super().setup(ctx)
+        self.setup_learner(ctx)
         cfg = self.config
         if isinstance(cfg.diffusion, ImageVariations):
             self.variations = cfg.diffusion
@@ -428,31 +409,15 @@ class DiffTPT(TPT):
 
         return select
 
-    def _tuner(self, features: torch.Tensor) -> PromptTuner:
-        cfg = self.config
-        model = self.ctx.model
-        return PromptTuner(
-            self.learner,
-            model.logit_scale,
-            model.logit_bias,
-            steps=cfg.tta_steps,
-            lr=cfg.lr,
-            select=self._selector(features),
-            class_chunk=cfg.class_chunk,
-            weight_decay=cfg.weight_decay,
-            autocast=model.autocast,
-        )
-
     def predict_samples(self, samples: Sequence[Sample]) -> list[Prediction]:
         out: list[Prediction] = []
         step = 1 if self.config.reference_compute else self.image_batch()
         for start in range(0, len(samples), step):
             chunk = samples[start : start + step]
             feats = self._pool_features(chunk)
-            if self.config.reference_compute:
-                out.extend(self._predict(self._tuner(feats).tune(self._reference_pool(chunk[0]))))
-            else:
-                out.extend(self._predict(self._tuner(feats).tune(feats)))
+            tuner = self.make_tuner(select=self._selector(feats))
+            inputs = self._reference_pool(chunk[0]) if self.config.reference_compute else feats
+            out.extend(self._predict(tuner.tune(inputs)))
         return out
 
     def _predict(self, result) -> list[Prediction]:

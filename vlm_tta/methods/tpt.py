@@ -241,39 +241,16 @@ def _per_image(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         return marginal_entropy(gather_views(logits.detach(), selected))
 
 
-def check_tuning_options(cfg: Any) -> None:
-    """Validate the prompt-tuning options TPT and DiffTPT share (``tta_steps``, ``lr``, ``weight_decay``,
-    ``ctx_init`` / ``n_ctx`` / ``coop_ctx``, ``image_batch``, ``class_chunk``, ``reference_compute``)."""
-    check_int("tta_steps", cfg.tta_steps, 1)
-    check_number("lr", cfg.lr)
-    check_number("weight_decay", cfg.weight_decay)
-    if cfg.n_ctx is not None:
-        check_int("n_ctx", cfg.n_ctx, 1)
-    if cfg.ctx_init is None and cfg.coop_ctx is None and cfg.n_ctx is None:
-        raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
-    if cfg.ctx_init is not None and not str(cfg.ctx_init).replace("_", " ").strip():
-        raise MethodOptionError("ctx_init must be a phrase such as 'a photo of a' (or None for a random context)")
-    for name in ("image_batch", "class_chunk"):
-        if getattr(cfg, name) is not None:
-            check_int(name, getattr(cfg, name), 1)
-    if cfg.reference_compute and (cfg.image_batch not in (None, 1) or cfg.class_chunk is not None):
-        raise MethodOptionError(
-            "reference_compute=True runs the reference's computation (one image at a time, all classes at "
-            "once): leave image_batch and class_chunk unset"
-        )
-
-
-# --------------------------------------------------------------------------- the method
 @dataclass
-class TPTConfig:
+class PromptTuningConfig:
+    """The options TPT and DiffTPT share: views, the tuning, the context, how it is computed."""
+
     #: dataset whose view recipe to use (``crop_flip`` for the ImageNet family, ``augmix`` for the
     #: fine-grained sets; a vlm_tta.data name or alias); None = ImageNet's
     preset: str | None = None
-    n_views: int = 64  # tpt_classification.py: -b 64 = the original + 63 views
     view_recipe: str | None = None  # None: the preset's
     view_seed: int = 0  # seed of the random views
-    selection_p: float = 0.1  # --selection_p 0.1: int(0.1 V) lowest-entropy views
-    tta_steps: int = 1  # --tta_steps 1
+    tta_steps: int = 1  # TPT: --tta_steps 1
     lr: float = 5e-3  # --lr 5e-3 (AdamW, torch defaults otherwise)
     weight_decay: float = 0.01  # torch's AdamW default, as the reference uses it
     ctx_init: str | None = DEFAULT_PHRASE  # --ctx_init a_photo_of_a; None: a random context of n_ctx vectors
@@ -288,16 +265,45 @@ class TPTConfig:
     class_chunk: int | None = None  # classes per text forward (exact gradient accumulation); None: all at once
 
     def __post_init__(self) -> None:
+        check_int("tta_steps", self.tta_steps, 1)
+        check_number("lr", self.lr)
+        check_number("weight_decay", self.weight_decay)
+        if self.n_ctx is not None:
+            check_int("n_ctx", self.n_ctx, 1)
+        if self.ctx_init is None and self.coop_ctx is None and self.n_ctx is None:
+            raise MethodOptionError("ctx_init=None (a random context) needs n_ctx, the number of context vectors")
+        if self.ctx_init is not None and not str(self.ctx_init).replace("_", " ").strip():
+            raise MethodOptionError("ctx_init must be a phrase such as 'a photo of a' (or None for a random context)")
+        for name in ("image_batch", "class_chunk"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.reference_compute and (self.image_batch not in (None, 1) or self.class_chunk is not None):
+            raise MethodOptionError(
+                "reference_compute=True runs the reference's computation (one image at a time, all classes at "
+                "once): leave image_batch and class_chunk unset"
+            )
+
+    def recipe(self, what: str) -> str:
+        """The view recipe: ``view_recipe``, else the preset's."""
+        return self.view_recipe or resolve_preset(PRESETS, self.preset, DEFAULT_PRESET, what)["views"]
+
+
+# --------------------------------------------------------------------------- the method
+@dataclass
+class TPTConfig(PromptTuningConfig):
+    n_views: int = 64  # tpt_classification.py: -b 64 = the original + 63 views
+    selection_p: float = 0.1  # --selection_p 0.1: int(0.1 V) lowest-entropy views
+
+    def __post_init__(self) -> None:
         check_int("n_views", self.n_views, 1)
         if not (isinstance(self.selection_p, (int, float)) and 0 < self.selection_p <= 1):
             raise MethodOptionError(f"selection_p must be in (0, 1]; got {self.selection_p!r}")
         n_confident(self.n_views, self.selection_p)
-        check_tuning_options(self)
+        super().__post_init__()
         self.views()  # validates the preset and the recipe
 
     def views(self) -> ViewSet:
-        recipe = self.view_recipe or resolve_preset(PRESETS, self.preset, DEFAULT_PRESET, "TPT")["views"]
-        return ViewSet(recipe if self.n_views > 1 else "original", self.n_views, self.view_seed)
+        return ViewSet(self.recipe("TPT") if self.n_views > 1 else "original", self.n_views, self.view_seed)
 
 
 @register_method("tpt")
@@ -313,6 +319,11 @@ class TPT(Method):
         return self.config.views()
 
     def setup(self, ctx: MethodContext) -> None:
+        self.setup_learner(ctx)
+        self.tuner = self.make_tuner(selection_p=self.config.selection_p)
+
+    def setup_learner(self, ctx: MethodContext) -> None:
+        """The prompt learner over the class names (the context from the phrase or the CoOp file)."""
         self.ctx = ctx
         cfg = self.config
         if ctx.model is None:
@@ -330,18 +341,23 @@ class TPT(Method):
             share_prefix=not cfg.reference_compute,
             seed=cfg.ctx_seed,
         )
-        self.tuner = PromptTuner(
+        self.images_tuned = 0
+
+    def make_tuner(self, **selection: Any) -> PromptTuner:
+        """The tuner over this method's prompt learner with the configured steps and AdamW settings;
+        ``selection``: ``selection_p=`` (TPT's rule) or ``select=`` (another rule, e.g. DiffTPT's)."""
+        cfg, model = self.config, self.ctx.model
+        return PromptTuner(
             self.learner,
             model.logit_scale,
             model.logit_bias,
             steps=cfg.tta_steps,
             lr=cfg.lr,
-            selection_p=cfg.selection_p,
             class_chunk=cfg.class_chunk,
             weight_decay=cfg.weight_decay,
             autocast=model.autocast,
+            **selection,
         )
-        self.images_tuned = 0
 
     def image_batch(self) -> int:
         if self.config.reference_compute:
@@ -387,4 +403,4 @@ class TPT(Method):
         return {"tpt": {"images": getattr(self, "images_tuned", 0), "reference_compute": self.config.reference_compute}}
 
 
-__all__ = ["PRESETS", "PromptTuner", "check_tuning_options", "Selector", "TPT", "TPTConfig", "TuneResult"]
+__all__ = ["PRESETS", "PromptTuner", "PromptTuningConfig", "Selector", "TPT", "TPTConfig", "TuneResult"]
