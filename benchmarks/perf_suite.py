@@ -395,35 +395,28 @@ def run_suite(args: argparse.Namespace, model: Any = None) -> dict:
     opened = fill.open_images(paths)
     for (recipe, seed), n in recipes.items():
         fill.view_features(opened, ViewSet(recipe, n, seed), normalize=False)
+
+    def scale(name: str, options: dict, axis: str, value: int, method_options: dict, classes: int) -> None:
+        """One scaling row: the method with ``method_options`` at ``classes`` against zero-shot."""
+        try:
+            vs = create_method(name, **method_options).view_set()
+            pairs = [
+                (bench.run(create_method(name, **method_options), classes, scale_dir),
+                 baseline(vs, classes, "warm", scale_dir, tag=f"{name}#{r}"))
+                for r in range(args.repeats)
+            ]  # fmt: skip
+            run, base = fastest([a for a, _ in pairs]), fastest([b for _, b in pairs])
+        except Exception as e:  # noqa: BLE001
+            log(f"scaling {name} {axis}={value}: {type(e).__name__}: {e}")
+            return
+        result["scaling"][axis].append(_scaling_row(name, options, axis, value, run, base))
+
     for name, options in ran:
         for c in args.scale_classes:
-            try:
-                vs = create_method(name, **options).view_set()
-                pairs = [
-                    (bench.run(create_method(name, **options), c, scale_dir),
-                     baseline(vs, c, "warm", scale_dir, tag=f"{name}#{r}"))
-                    for r in range(args.repeats)
-                ]  # fmt: skip
-                run, base = fastest([a for a, _ in pairs]), fastest([b for _, b in pairs])
-            except Exception as e:  # noqa: BLE001
-                log(f"scaling {name} classes={c}: {type(e).__name__}: {e}")
-                continue
-            result["scaling"]["classes"].append(_scaling_row(name, options, "classes", c, run, base))
-        if not has_option(name, "n_views"):
-            continue
-        for v in args.scale_views:
-            try:
-                vs = create_method(name, **{**options, "n_views": v}).view_set()
-                pairs = [
-                    (bench.run(create_method(name, **{**options, "n_views": v}), args.classes, scale_dir),
-                     baseline(vs, args.classes, "warm", scale_dir, tag=f"{name}#{r}"))
-                    for r in range(args.repeats)
-                ]  # fmt: skip
-                run, base = fastest([a for a, _ in pairs]), fastest([b for _, b in pairs])
-            except Exception as e:  # noqa: BLE001
-                log(f"scaling {name} views={v}: {type(e).__name__}: {e}")
-                continue
-            result["scaling"]["views"].append(_scaling_row(name, options, "views", v, run, base))
+            scale(name, options, "classes", c, options, c)
+        if has_option(name, "n_views"):
+            for v in args.scale_views:
+                scale(name, options, "views", v, {**options, "n_views": v}, args.classes)
 
     # ---- feature-level methods on cached embeddings (bench_feature_methods.py), and the encoder
     if args.embedding_images:
